@@ -1,0 +1,229 @@
+//! The command line, all in one place: global options and one struct per subcommand (clap derive).
+//! The man pages and shell completions are generated from these definitions.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::SendType;
+
+/// WebSocket push gateway with reliable messaging over RabbitMQ.
+#[derive(Debug, Parser)]
+#[command(name = "wsgw", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]
+    #[arg(long, global = true, env = "WSGW_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the
+    /// address of the `wsgw serve` that wrote the local credentials]
+    #[arg(long, global = true, env = "WSGW_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+
+    /// RabbitMQ URL, such as amqp://user:password@host:5672/%2f
+    #[arg(
+        long,
+        global = true,
+        env = "WSGW_AMQP_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub amqp_url: Option<String>,
+
+    /// API key for the gateway's token endpoint and HTTP API
+    #[arg(
+        long,
+        global = true,
+        env = "WSGW_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+
+    /// Output format [default: table on a terminal, json otherwise]
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub output: Option<OutputFormat>,
+
+    /// More log output on stderr (-v debug, -vv trace); RUST_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Less log output on stderr (errors only)
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway daemon
+    Serve(ServeArgs),
+    /// Print a connection URL with a fresh token for one identity
+    Token(TokenArgs),
+    /// Publish one message with a broker confirm and print its messageId
+    Send(SendArgs),
+    /// Connect as a client, print each message received, and ack it
+    Listen(ListenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on [default: 127.0.0.1:8086]
+    #[arg(long, env = "WSGW_SERVER_LISTEN", value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+
+    /// Base URL that token responses point clients at, such as wss://push.example.com [default: ws://<listen>]
+    #[arg(long, env = "WSGW_SERVER_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+
+    /// Name of this node [default: <hostname>-<random>]
+    #[arg(long, env = "WSGW_SERVER_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+}
+
+/// An identity given on the command line.
+#[derive(Debug, Clone, Args)]
+pub struct IdentityArgs {
+    /// The client's uniqueId, such as order-8812
+    #[arg(long, value_name = "ID")]
+    pub unique_id: String,
+
+    /// The client's type, such as h5 or charger
+    #[arg(long, value_name = "TYPE")]
+    pub client_type: String,
+
+    /// Tags carried by the token, for broadcasts (comma-separated)
+    #[arg(long, value_delimiter = ',', value_name = "TAG,...")]
+    pub tags: Vec<String>,
+
+    /// Businesses carried by the token, for broadcasts (comma-separated)
+    #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+    pub businesses: Vec<String>,
+
+    /// Token lifetime, such as 60s or 5m [default: auth.token_ttl, 60s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Recipient uniqueId
+    #[arg(long, value_name = "UNIQUE_ID")]
+    pub to: String,
+
+    /// Recipient clientType
+    #[arg(long, value_name = "TYPE")]
+    pub to_client_type: String,
+
+    /// Business the message belongs to, such as payment or qrcode
+    #[arg(long, value_name = "NAME")]
+    pub business_type: String,
+
+    /// Event within the business, such as PAYMENT_SUCCEEDED or QR_REFRESH
+    #[arg(long, value_name = "NAME")]
+    pub message_type: String,
+
+    /// Message content as JSON, such as '{"orderId":"8812"}'
+    #[arg(
+        long,
+        value_name = "JSON",
+        conflicts_with = "content_file",
+        required_unless_present = "content_file"
+    )]
+    pub content: Option<String>,
+
+    /// Read the JSON content from a file, or from standard input with -
+    #[arg(long, value_name = "PATH")]
+    pub content_file: Option<PathBuf>,
+
+    /// Keep this messageId instead of assigning one, so retries de-duplicate
+    #[arg(long, value_name = "ID")]
+    pub message_id: Option<String>,
+
+    /// Sender uniqueId to put in the envelope
+    #[arg(long, value_name = "ID")]
+    pub from_unique_id: Option<String>,
+
+    /// Sender clientType to put in the envelope
+    #[arg(long, value_name = "TYPE")]
+    pub from_client_type: Option<String>,
+
+    /// Tags to put in the envelope (comma-separated)
+    #[arg(long, value_delimiter = ',', value_name = "TAG,...")]
+    pub tags: Vec<String>,
+
+    /// Businesses to put in the envelope (comma-separated)
+    #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+    pub businesses: Vec<String>,
+
+    /// sendType of the envelope
+    #[arg(
+        long,
+        value_enum,
+        default_value = "server-to-client",
+        value_name = "TYPE"
+    )]
+    pub send_type: SendTypeArg,
+}
+
+/// The sendType values, spelled for the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SendTypeArg {
+    ServerToClient,
+    ClientToClient,
+}
+
+impl From<SendTypeArg> for SendType {
+    fn from(value: SendTypeArg) -> Self {
+        match value {
+            SendTypeArg::ServerToClient => SendType::ServerToClient,
+            SendTypeArg::ClientToClient => SendType::ClientToClient,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+
+    /// Exit after this many messages
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Print messages without acking them, so they stay in the mailbox and come again on the next connection
+    #[arg(long)]
+    pub no_ack: bool,
+}

@@ -1,0 +1,161 @@
+//! `wsgw serve`: the gateway daemon.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::broker::Broker;
+use crate::broker::rabbit::RabbitBroker;
+use crate::cli::{GlobalArgs, ServeArgs};
+use crate::config::Config;
+use crate::credentials;
+use crate::domain::TokenSigner;
+use crate::exit::{CliError, ExitCode};
+use crate::gateway::Gateway;
+
+/// How long shutdown waits for connections and sessions to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the gateway until SIGINT or SIGTERM.
+pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> {
+    let mut config = super::load_config(global)?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(public_url) = &args.public_url {
+        config.server.public_url = Some(public_url.clone());
+    }
+    if let Some(node_name) = &args.node_name {
+        config.server.node_name = Some(node_name.clone());
+    }
+    let node = config.node_name();
+
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|error| {
+            CliError::msg(
+                ExitCode::Unavailable,
+                format!(
+                    "cannot listen on {}: {error}; choose another address with --listen",
+                    config.server.listen
+                ),
+            )
+        })?;
+    let local = listener.local_addr().map_err(|error| {
+        CliError::msg(
+            ExitCode::Unavailable,
+            format!("cannot read the listening address: {error}"),
+        )
+    })?;
+    let public_url = match &config.server.public_url {
+        Some(url) => super::websocket_base(url).map_err(|message| {
+            CliError::msg(
+                ExitCode::Config,
+                format!("invalid server.public_url: {message}"),
+            )
+        })?,
+        None => format!("ws://{local}"),
+    };
+    let (signer, api_keys) = secrets(&config, global.api_key.as_deref(), local)?;
+
+    let Some(amqp_url) = config.amqp.url.clone() else {
+        return Err(CliError::msg(
+            ExitCode::Config,
+            "no RabbitMQ URL configured: pass --amqp-url, set WSGW_AMQP_URL, or set amqp.url in the config file",
+        ));
+    };
+    let broker = RabbitBroker::connect(&amqp_url, &config.amqp, &config.mailbox, &node).await?;
+    let broker: Arc<dyn Broker> = Arc::new(broker);
+
+    let gateway = Gateway::new(
+        config,
+        node.clone(),
+        public_url.clone(),
+        broker.clone(),
+        signer,
+        api_keys,
+    );
+    spawn_signal_handler(gateway.shutdown.clone());
+    info!(listen = %local, public_url = %public_url, node = %node, "listening");
+    gateway.serve(listener, SHUTDOWN_GRACE).await;
+    broker.close().await;
+    info!(node = %node, "stopped");
+    Ok(())
+}
+
+/// The token signer and accepted API keys: from the config and environment, else (on a loopback address
+/// only) from the local credentials file, generated on first use.
+fn secrets(
+    config: &Config,
+    api_key_flag: Option<&str>,
+    local: std::net::SocketAddr,
+) -> Result<(TokenSigner, Vec<String>), CliError> {
+    let mut api_keys = config.auth.api_keys.clone();
+    if let Some(key) = api_key_flag {
+        api_keys.push(key.to_owned());
+    }
+    api_keys.retain(|key| !key.is_empty());
+    let mut secret = config
+        .auth
+        .token_secret
+        .clone()
+        .filter(|secret| !secret.is_empty());
+
+    if secret.is_none() || api_keys.is_empty() {
+        if !local.ip().is_loopback() {
+            return Err(CliError::msg(
+                ExitCode::Config,
+                format!(
+                    "refusing to listen on {local} without configured secrets: set auth.token_secret and \
+                     auth.api_keys in the config file (or WSGW_TOKEN_SECRET and WSGW_API_KEY), or listen on \
+                     a loopback address for local use"
+                ),
+            ));
+        }
+        let (generated, path) = credentials::load_or_create(&format!("http://{local}")).map_err(|error| {
+            CliError::msg(
+                ExitCode::Config,
+                format!("cannot write local credentials: {error}; set WSGW_STATE_DIR to a writable folder"),
+            )
+        })?;
+        warn!(
+            path = %path.display(),
+            "no token secret or API key configured; using local credentials (for this machine only)"
+        );
+        secret.get_or_insert(generated.token_secret);
+        if api_keys.is_empty() {
+            api_keys.push(generated.api_key);
+        }
+    }
+    let secret = secret.unwrap_or_default();
+    let signer = TokenSigner::new(secret.as_bytes()).map_err(|error| {
+        CliError::msg(
+            ExitCode::Config,
+            format!("invalid auth.token_secret: {error}"),
+        )
+    })?;
+    Ok((signer, api_keys))
+}
+
+fn spawn_signal_handler(shutdown: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    warn!(%error, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT received; shutting down"),
+            _ = terminate => info!("SIGTERM received; shutting down"),
+        }
+        shutdown.cancel();
+    });
+}

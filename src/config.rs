@@ -1,0 +1,526 @@
+//! Configuration: one TOML file, overridden by `WSGW_*` environment variables, overridden by flags.
+//!
+//! Every key has a default, so an empty file (or none) is a valid configuration for local use. The environment
+//! variable for a key is `WSGW_` followed by its dotted path in upper case with dots as underscores: `amqp.url`
+//! is `WSGW_AMQP_URL`, `session.ping_interval` is `WSGW_SESSION_PING_INTERVAL`. `WSGW_TOKEN_SECRET` is accepted
+//! as a short form of `WSGW_AUTH_TOKEN_SECRET`. Durations are written as in `30s`, `2m`, `7d`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/wsgw/wsgw.toml";
+
+/// Every key, by dotted path; each can be set by its environment variable.
+pub const KEYS: &[&str] = &[
+    "server.listen",
+    "server.public_url",
+    "server.node_name",
+    "server.max_connections",
+    "auth.token_secret",
+    "auth.api_keys",
+    "auth.token_ttl",
+    "auth.max_token_ttl",
+    "auth.used_token_capacity",
+    "amqp.url",
+    "amqp.prefix",
+    "amqp.connect_timeout",
+    "amqp.publish_timeout",
+    "mailbox.message_ttl",
+    "mailbox.expires",
+    "mailbox.max_length",
+    "mailbox.declare_interval",
+    "session.pending_ack_window",
+    "session.ping_interval",
+    "session.pong_timeout",
+    "session.write_timeout",
+    "session.max_message_size",
+    "session.read_buffer_size",
+    "session.write_buffer_size",
+    "session.max_write_buffer_size",
+    "session.max_invalid_frames",
+];
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub amqp: AmqpConfig,
+    pub mailbox: MailboxConfig,
+    pub session: SessionConfig,
+}
+
+/// The HTTP and WebSocket listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Base URL that token responses point clients at, such as `wss://push.example.com`. Defaults to
+    /// `ws://<listen>`.
+    pub public_url: Option<String>,
+    /// Name of this node in welcome frames, receipts and `wsgw sessions`. Defaults to `<hostname>-<random>`.
+    pub node_name: Option<String>,
+    /// Maximum number of open TCP connections; further connections wait until one closes.
+    pub max_connections: usize,
+}
+
+/// Tokens and API keys.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Secret that signs connection tokens, at least 32 bytes. Shared by every node of a cluster.
+    pub token_secret: Option<String>,
+    /// API keys accepted as bearer tokens by the token endpoint and the publish API.
+    pub api_keys: Vec<String>,
+    /// Lifetime of a token when the request names none.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Longest lifetime a token request may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_token_ttl: Duration,
+    /// Maximum number of used tokens remembered to reject reuse; new connections are refused when it is full.
+    pub used_token_capacity: usize,
+}
+
+/// The RabbitMQ connection and topology.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// AMQP URL, such as `amqp://user:password@host:5672/%2f`.
+    pub url: Option<String>,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    /// Deadline for opening a connection, including the AMQP handshake.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline for one publish, from write to broker confirm.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+}
+
+/// Arguments of the mailbox queues. Changing them for existing mailboxes needs a migration, because RabbitMQ
+/// rejects a redeclare with other arguments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailboxConfig {
+    /// How long a message waits for its client before it is dead-lettered as expired (`x-message-ttl`).
+    #[serde(with = "humantime_serde")]
+    pub message_ttl: Duration,
+    /// How long an unused mailbox lives (`x-expires`). Must be well above `message_ttl`, because RabbitMQ deletes an
+    /// expired queue without dead-lettering its messages.
+    #[serde(with = "humantime_serde")]
+    pub expires: Duration,
+    /// Maximum number of ready messages; further publishes are rejected to the publisher (`reject-publish`).
+    pub max_length: u32,
+    /// How often a publisher re-declares a mailbox it publishes to, to keep it from expiring.
+    #[serde(with = "humantime_serde")]
+    pub declare_interval: Duration,
+}
+
+/// Limits and timers of one WebSocket session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Maximum number of messages pushed and not yet acked by the client (the RabbitMQ prefetch).
+    pub pending_ack_window: u16,
+    /// Interval between server pings.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How long the client has to answer a ping before the session is closed.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// Deadline for writing one frame to the client; a slower client is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Maximum size of a message from the client, in bytes.
+    pub max_message_size: usize,
+    /// Read buffer per connection, in bytes.
+    pub read_buffer_size: usize,
+    /// Write buffer per connection, in bytes.
+    pub write_buffer_size: usize,
+    /// Maximum bytes queued for writing per connection; must exceed `write_buffer_size`.
+    pub max_write_buffer_size: usize,
+    /// Invalid frames tolerated per session before it is closed with a policy violation.
+    pub max_invalid_frames: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8086)),
+            public_url: None,
+            node_name: None,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            token_secret: None,
+            api_keys: Vec::new(),
+            token_ttl: Duration::from_secs(60),
+            max_token_ttl: Duration::from_secs(3600),
+            used_token_capacity: 100_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "token_secret",
+                &self.token_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("api_keys", &format!("<{} redacted>", self.api_keys.len()))
+            .field("token_ttl", &self.token_ttl)
+            .field("max_token_ttl", &self.max_token_ttl)
+            .field("used_token_capacity", &self.used_token_capacity)
+            .finish()
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: None,
+            prefix: "wsgw".to_owned(),
+            connect_timeout: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("prefix", &self.prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .finish()
+    }
+}
+
+impl Default for MailboxConfig {
+    fn default() -> Self {
+        MailboxConfig {
+            message_ttl: Duration::from_secs(24 * 3600),
+            expires: Duration::from_secs(7 * 24 * 3600),
+            max_length: 10_000,
+            declare_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            pending_ack_window: 32,
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            max_message_size: 64 * 1024,
+            read_buffer_size: 8 * 1024,
+            write_buffer_size: 8 * 1024,
+            max_write_buffer_size: 256 * 1024,
+            max_invalid_frames: 10,
+        }
+    }
+}
+
+/// A configuration that could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; check the path given to --config")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value {value:?} in environment variable {variable}: {message}")]
+    Env {
+        variable: String,
+        value: String,
+        message: String,
+    },
+    #[error("invalid config key {key} = {value}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Loads the file (`path`, else [`DEFAULT_CONFIG_PATH`] when it exists, else defaults), then applies
+    /// `WSGW_*` environment variables, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with the environment given as a lookup function, for tests.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let default_path = Path::new(DEFAULT_CONFIG_PATH);
+        let (text, source) = match path {
+            Some(path) => (read(path)?, path.to_path_buf()),
+            None if default_path.exists() => (read(default_path)?, default_path.to_path_buf()),
+            None => (String::new(), PathBuf::from("(defaults)")),
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: source.clone(),
+            message: error.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        let config: Config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|error| ConfigError::Parse {
+                path: source,
+                message: error.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks relations between keys that each parse on their own.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, value: String, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                value,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.mailbox.expires <= self.mailbox.message_ttl * 2 {
+            return invalid(
+                "mailbox.expires",
+                humantime::format_duration(self.mailbox.expires).to_string(),
+                "must be more than twice mailbox.message_ttl, or an idle mailbox is deleted with its messages",
+            );
+        }
+        if self.mailbox.declare_interval * 4 > self.mailbox.expires {
+            return invalid(
+                "mailbox.declare_interval",
+                humantime::format_duration(self.mailbox.declare_interval).to_string(),
+                "must be at most a quarter of mailbox.expires",
+            );
+        }
+        if self.session.pending_ack_window == 0 {
+            return invalid(
+                "session.pending_ack_window",
+                "0".to_owned(),
+                "must be at least 1",
+            );
+        }
+        if self.session.max_write_buffer_size <= self.session.write_buffer_size {
+            return invalid(
+                "session.max_write_buffer_size",
+                self.session.max_write_buffer_size.to_string(),
+                "must be larger than session.write_buffer_size",
+            );
+        }
+        if self.amqp.prefix.is_empty() || self.amqp.prefix.contains(['*', '#', ' ']) {
+            return invalid(
+                "amqp.prefix",
+                self.amqp.prefix.clone(),
+                "must be non-empty and contain no spaces, * or #",
+            );
+        }
+        if self.auth.token_ttl > self.auth.max_token_ttl {
+            return invalid(
+                "auth.token_ttl",
+                humantime::format_duration(self.auth.token_ttl).to_string(),
+                "must not exceed auth.max_token_ttl",
+            );
+        }
+        Ok(())
+    }
+
+    /// The configured node name, or `<hostname>-<random>`.
+    pub fn node_name(&self) -> String {
+        if let Some(name) = &self.server.node_name {
+            return name.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .unwrap_or_else(|_| "node".to_owned());
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        format!("{host}-{}", &suffix[..6])
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The environment variable that overrides `key`.
+pub fn env_name(key: &str) -> String {
+    format!("WSGW_{}", key.replace('.', "_").to_uppercase())
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    for key in KEYS {
+        let mut variable = env_name(key);
+        let mut raw = env(&variable);
+        if raw.is_none() && *key == "auth.token_secret" {
+            variable = "WSGW_TOKEN_SECRET".to_owned();
+            raw = env(&variable);
+        }
+        let Some(raw) = raw else { continue };
+        let value = parse_env_value(&raw);
+        let (section, field) = key.split_once('.').unwrap_or(("", key));
+        let entry = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            return Err(ConfigError::Env {
+                variable,
+                value: redact_env(key, &raw),
+                message: format!("config section [{section}] is not a table"),
+            });
+        };
+        section_table.insert(field.to_owned(), value);
+    }
+    Ok(())
+}
+
+/// Reads an environment value as a TOML value (number, boolean, array) when it is one, else as a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("value = {raw}"))
+        .ok()
+        .and_then(|mut table| table.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn redact_env(key: &str, raw: &str) -> String {
+    if key.contains("secret") || key.contains("api_keys") {
+        "<redacted>".to_owned()
+    } else if key == "amqp.url" {
+        redact_url(raw)
+    } else {
+        raw.to_owned()
+    }
+}
+
+/// Replaces the password of a URL with `***`, for logs and errors.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wsgw.toml");
+        std::fs::write(&path, "").expect("write");
+        let config = Config::load_with_env(Some(&path), no_env).expect("valid");
+        assert_eq!(config.amqp.prefix, "wsgw");
+        assert_eq!(config.auth.token_ttl, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wsgw.toml");
+        std::fs::write(
+            &path,
+            "[amqp]\nprefix = \"file\"\n[session]\npending_ack_window = 5\n",
+        )
+        .expect("write");
+        let env = |name: &str| match name {
+            "WSGW_AMQP_PREFIX" => Some("env".to_owned()),
+            "WSGW_SESSION_PING_INTERVAL" => Some("3s".to_owned()),
+            "WSGW_TOKEN_SECRET" => Some("s".repeat(40)),
+            _ => None,
+        };
+        let config = Config::load_with_env(Some(&path), env).expect("valid");
+        assert_eq!(config.amqp.prefix, "env");
+        assert_eq!(config.session.pending_ack_window, 5);
+        assert_eq!(config.session.ping_interval, Duration::from_secs(3));
+        assert_eq!(
+            config.auth.token_secret.as_deref(),
+            Some("s".repeat(40).as_str())
+        );
+    }
+
+    #[test]
+    fn every_key_is_settable_by_env() {
+        let samples = |key: &str| -> &'static str {
+            match key {
+                "server.listen" => "127.0.0.1:1",
+                "auth.max_token_ttl" => "2h",
+                "mailbox.expires" => "30d",
+                "auth.api_keys" => "[\"k\"]",
+                k if k.ends_with("ttl") || k.ends_with("interval") || k.ends_with("timeout") => {
+                    "1s"
+                }
+                k if k.ends_with("size")
+                    || k.ends_with("max_connections")
+                    || k.ends_with("capacity") =>
+                {
+                    "100000"
+                }
+                "mailbox.max_length"
+                | "session.pending_ack_window"
+                | "session.max_invalid_frames" => "7",
+                _ => "text",
+            }
+        };
+        for key in KEYS {
+            let variable = env_name(key);
+            let value = samples(key);
+            let result =
+                Config::load_with_env(None, |name| (name == variable).then(|| value.to_owned()));
+            assert!(result.is_ok(), "{variable}={value}: {:?}", result.err());
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wsgw.toml");
+        std::fs::write(&path, "[session]\nping_intervall = \"3s\"\n").expect("write");
+        let error = Config::load_with_env(Some(&path), no_env).expect_err("unknown key");
+        assert!(error.to_string().contains("ping_intervall"), "{error}");
+    }
+
+    #[test]
+    fn redact_url_hides_password() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@localhost:5672/%2f"),
+            "amqp://guest:***@localhost:5672/%2f"
+        );
+    }
+}

@@ -1,0 +1,297 @@
+//! HTTP routes: the token endpoint, the WebSocket upgrade and the health checks.
+//!
+//! JSON answers have the shape `{"result":0,"description":"ok","data":...}`; on error `result` is the HTTP
+//! status code and `description` says what is wrong and what to do. Paths under `/socket/` carry a token, so
+//! no log line includes a request path.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::{debug, info};
+
+use super::Gateway;
+use super::auth::{self, ClaimError};
+use super::session;
+use crate::domain::envelope::unix_millis;
+use crate::domain::frame::PROTOCOL_V1;
+use crate::domain::{Identity, TokenError};
+
+type HttpResponse = Response<Full<Bytes>>;
+
+/// Dispatches one request.
+pub async fn route(
+    gateway: Arc<Gateway>,
+    remote: SocketAddr,
+    permit: Arc<OwnedSemaphorePermit>,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, Infallible> {
+    let path = request.uri().path().to_owned();
+    let response = match (request.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => json_response(StatusCode::OK, "ok", None),
+        (&Method::GET, "/readyz") => readiness(&gateway),
+        (&Method::GET, "/websocket/token") => issue_token(&gateway, &request),
+        (&Method::GET, path) if path.starts_with("/socket/") => {
+            upgrade(gateway, remote, permit, request).await
+        }
+        (_, "/healthz" | "/readyz" | "/websocket/token") => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed; use GET".to_owned(),
+        ),
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "not found; the gateway serves /websocket/token, /socket/<token>, /healthz and /readyz"
+                .to_owned(),
+        ),
+    };
+    Ok(response)
+}
+
+fn readiness(gateway: &Gateway) -> HttpResponse {
+    if gateway.shutdown.is_cancelled() {
+        error_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned())
+    } else if gateway.broker.is_ready() {
+        json_response(StatusCode::OK, "ready", None)
+    } else {
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the message broker is unreachable".to_owned(),
+        )
+    }
+}
+
+/// `GET /websocket/token?uniqueId=..&clientType=..[&tags=a,b][&businesses=x][&ttl=30s]` with an API key.
+fn issue_token(gateway: &Gateway, request: &Request<Incoming>) -> HttpResponse {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let Some(key) = auth::bearer(authorization) else {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "missing API key; send it as `Authorization: Bearer <key>`".to_owned(),
+        );
+    };
+    if !auth::api_key_matches(&gateway.api_keys, key) {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "invalid API key; use a key listed in auth.api_keys".to_owned(),
+        );
+    }
+
+    let query = request.uri().query().unwrap_or("");
+    let mut unique_id = None;
+    let mut client_type = None;
+    let mut tags = Vec::new();
+    let mut businesses = Vec::new();
+    let mut ttl = gateway.config.auth.token_ttl;
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match name.as_ref() {
+            "uniqueId" => unique_id = Some(value.into_owned()),
+            "clientType" => client_type = Some(value.into_owned()),
+            "tags" => tags.extend(split_list(&value)),
+            "businesses" => businesses.extend(split_list(&value)),
+            "ttl" => match humantime::parse_duration(&value) {
+                Ok(parsed)
+                    if parsed > Duration::ZERO && parsed <= gateway.config.auth.max_token_ttl =>
+                {
+                    ttl = parsed
+                }
+                _ => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "invalid ttl {value:?}: give a duration such as 30s or 5m, at most {}",
+                            humantime::format_duration(gateway.config.auth.max_token_ttl)
+                        ),
+                    );
+                }
+            },
+            _ => {}
+        }
+    }
+    let (Some(unique_id), Some(client_type)) = (unique_id, client_type) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "missing query parameter: give both uniqueId and clientType".to_owned(),
+        );
+    };
+    let identity = match Identity::new(&unique_id, &client_type) {
+        Ok(identity) => identity,
+        Err(error) => return error_response(StatusCode::BAD_REQUEST, error.to_string()),
+    };
+    let token = gateway
+        .signer
+        .mint(&identity, &tags, &businesses, ttl, SystemTime::now());
+    let url = format!("{}/socket/{token}", gateway.public_url);
+    debug!(%identity, "issued a connection token");
+    json_response(StatusCode::OK, "ok", Some(url))
+}
+
+fn split_list(value: &str) -> impl Iterator<Item = String> + '_ {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+}
+
+/// `GET /socket/<token>`: checks the handshake headers, then the token, then switches protocols.
+async fn upgrade(
+    gateway: Arc<Gateway>,
+    remote: SocketAddr,
+    permit: Arc<OwnedSemaphorePermit>,
+    mut request: Request<Incoming>,
+) -> HttpResponse {
+    let headers = request.headers();
+    let has_token = |name: header::HeaderName, expected: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .map(|text| {
+                    text.split(',')
+                        .any(|part| part.trim().eq_ignore_ascii_case(expected))
+                })
+                .unwrap_or(false)
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "not a WebSocket upgrade request; connect with a WebSocket client".to_owned(),
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut response = error_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version; use version 13".to_owned(),
+        );
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "missing Sec-WebSocket-Key header".to_owned(),
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let offered: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|protocol| protocol.trim().to_owned())
+        .collect();
+    if !offered.is_empty() && !offered.iter().any(|protocol| protocol == PROTOCOL_V1) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            format!("unsupported subprotocol {offered:?}; offer {PROTOCOL_V1}"),
+        );
+    }
+
+    let token = request.uri().path().trim_start_matches("/socket/");
+    let now = SystemTime::now();
+    let claims = match gateway.signer.verify(token, now) {
+        Ok(claims) => claims,
+        Err(error) => {
+            info!(%remote, reason = %error, "rejected a WebSocket connection");
+            return error_response(StatusCode::UNAUTHORIZED, error.to_string());
+        }
+    };
+    match gateway
+        .used_tokens
+        .claim(&claims.nonce, claims.expires_at_ms, unix_millis(now))
+    {
+        Ok(()) => {}
+        Err(ClaimError::Reused) => {
+            info!(%remote, identity = %claims.identity(), "rejected a reused token");
+            return error_response(StatusCode::UNAUTHORIZED, TokenError::Reused.to_string());
+        }
+        Err(ClaimError::Full) => {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections in the last token lifetime; retry shortly".to_owned(),
+            );
+        }
+    }
+
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let session_config = gateway.config.session.clone();
+    let tasks = gateway.tasks.clone();
+    tasks.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                debug!(%remote, %error, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(session_config.read_buffer_size)
+            .write_buffer_size(session_config.write_buffer_size)
+            .max_write_buffer_size(session_config.max_write_buffer_size)
+            .max_message_size(Some(session_config.max_message_size))
+            .max_frame_size(Some(session_config.max_message_size));
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        session::run(gateway, socket, claims, remote).await;
+        drop(permit);
+    });
+
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let response_headers = response.headers_mut();
+    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    response_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if !offered.is_empty() {
+        response_headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(PROTOCOL_V1),
+        );
+    }
+    response
+}
+
+fn json_response(status: StatusCode, description: &str, data: Option<String>) -> HttpResponse {
+    let body = json!({ "result": 0, "description": description, "data": data });
+    with_json(status, body)
+}
+
+fn error_response(status: StatusCode, description: String) -> HttpResponse {
+    let body = json!({ "result": status.as_u16(), "description": description, "data": null });
+    with_json(status, body)
+}
+
+fn with_json(status: StatusCode, body: serde_json::Value) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

@@ -1,0 +1,178 @@
+//! The gateway: one HTTP listener serving the token endpoint, the WebSocket sessions and the health checks.
+//!
+//! Invariants: the number of open TCP connections is capped by `server.max_connections`; every task is
+//! tracked and raced against the shutdown token; a token or API key is never logged.
+
+pub mod auth;
+mod http;
+pub mod registry;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::broker::{Broker, ControlMessage};
+use crate::config::Config;
+use crate::domain::TokenSigner;
+use auth::UsedTokens;
+use registry::Registry;
+
+/// Everything a request handler or a session needs, shared by all of them.
+pub struct Gateway {
+    pub config: Config,
+    /// This node's name, in welcome frames and takeover announcements.
+    pub node: String,
+    /// Base of the connection URLs handed out by the token endpoint, `ws://` or `wss://`.
+    pub public_url: String,
+    pub broker: Arc<dyn Broker>,
+    pub signer: TokenSigner,
+    pub api_keys: Vec<String>,
+    pub registry: Registry,
+    pub used_tokens: UsedTokens,
+    /// Cancelled when the gateway shuts down; every loop races it.
+    pub shutdown: CancellationToken,
+    /// Every connection and session task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Gateway {
+    pub fn new(
+        config: Config,
+        node: String,
+        public_url: String,
+        broker: Arc<dyn Broker>,
+        signer: TokenSigner,
+        api_keys: Vec<String>,
+    ) -> Arc<Gateway> {
+        let used_tokens = UsedTokens::new(config.auth.used_token_capacity);
+        Arc::new(Gateway {
+            config,
+            node,
+            public_url,
+            broker,
+            signer,
+            api_keys,
+            registry: Registry::default(),
+            used_tokens,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Serves `listener` until the shutdown token is cancelled, then waits up to `grace` for open connections.
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener, grace: Duration) {
+        self.spawn_control_listener();
+        let connection_limit = Arc::new(Semaphore::new(self.config.server.max_connections));
+        let mut accept_backoff = Duration::from_millis(10);
+        loop {
+            let permit = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                permit = connection_limit.clone().acquire_owned() => match permit {
+                    Ok(permit) => Arc::new(permit),
+                    Err(_) => break,
+                },
+            };
+            let (stream, remote) = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => {
+                        accept_backoff = Duration::from_millis(10);
+                        accepted
+                    }
+                    Err(error) => {
+                        // Usually out of file descriptors: wait instead of spinning.
+                        warn!(%error, backoff = ?accept_backoff, "accepting a connection failed");
+                        tokio::time::sleep(accept_backoff).await;
+                        accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+            };
+            let gateway = self.clone();
+            self.tasks.spawn(async move {
+                gateway.serve_connection(stream, remote, permit).await;
+            });
+        }
+        info!(
+            open_tasks = self.tasks.len(),
+            "stopped accepting connections"
+        );
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                abandoned = self.tasks.len(),
+                "shutdown grace period passed with tasks still running"
+            );
+        }
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        remote: SocketAddr,
+        permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let gateway = self.clone();
+        let service = service_fn(move |request| {
+            http::route(gateway.clone(), remote, permit.clone(), request)
+        });
+        let connection = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    debug!(%remote, %error, "HTTP connection ended with an error");
+                }
+            }
+            _ = self.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+    }
+
+    /// Closes local sessions that a newer session of the same identity replaced on another node.
+    fn spawn_control_listener(self: &Arc<Self>) {
+        let gateway = self.clone();
+        let mut messages = self.broker.control_messages();
+        self.tasks.spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = gateway.shutdown.cancelled() => break,
+                    message = messages.recv() => message,
+                };
+                match message {
+                    Ok(ControlMessage::Takeover {
+                        identity,
+                        session_id,
+                        node,
+                    }) => {
+                        if gateway.registry.replace_if_older(&identity, &session_id) {
+                            info!(%identity, by_node = %node, "session replaced by a newer connection");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
+                        warn!(skipped, "control messages were skipped because this node read them too slowly");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,171 @@
+//! The sessions live on this node, one per identity.
+//!
+//! Registering a session closes the older session of the same identity with the replaced code. Across nodes,
+//! a takeover announcement closes a local session only when the announced session is newer: session ids are
+//! UUIDv7, so they order by connect time, and a late announcement of an older session never closes a newer one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use tokio::sync::mpsc;
+
+use crate::domain::Identity;
+use crate::domain::frame::close_code;
+
+/// An instruction to a running session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionCommand {
+    /// Close the WebSocket with this code and reason.
+    Close { code: u16, reason: String },
+}
+
+/// What the registry keeps about a live session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub identity: Identity,
+    pub remote: SocketAddr,
+    pub connected_at: SystemTime,
+}
+
+struct Entry {
+    info: SessionInfo,
+    commands: mpsc::Sender<SessionCommand>,
+}
+
+/// Capacity of a session's command queue. Commands only close sessions, so a few suffice.
+const COMMAND_BUFFER: usize = 4;
+
+/// The live sessions of this node, by identity.
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<Identity, Entry>>,
+}
+
+impl Registry {
+    /// Registers a session and closes the older session of the same identity, if any.
+    pub fn register(&self, info: SessionInfo) -> mpsc::Receiver<SessionCommand> {
+        let (sender, receiver) = mpsc::channel(COMMAND_BUFFER);
+        let identity = info.identity.clone();
+        let previous = self.lock().insert(
+            identity,
+            Entry {
+                info,
+                commands: sender,
+            },
+        );
+        if let Some(previous) = previous {
+            send_replaced(&previous.commands);
+        }
+        receiver
+    }
+
+    /// Removes the session unless a newer session of the same identity already took its place.
+    pub fn unregister(&self, identity: &Identity, session_id: &str) {
+        let mut sessions = self.lock();
+        if sessions
+            .get(identity)
+            .is_some_and(|entry| entry.info.session_id == session_id)
+        {
+            sessions.remove(identity);
+        }
+    }
+
+    /// Closes the local session of `identity` if it is older than `newer_session_id`. Returns true if it did.
+    pub fn replace_if_older(&self, identity: &Identity, newer_session_id: &str) -> bool {
+        let mut sessions = self.lock();
+        let older = sessions
+            .get(identity)
+            .is_some_and(|entry| entry.info.session_id.as_str() < newer_session_id);
+        if !older {
+            return false;
+        }
+        if let Some(entry) = sessions.remove(identity) {
+            send_replaced(&entry.commands);
+        }
+        true
+    }
+
+    /// Snapshot of the live sessions.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.lock()
+            .values()
+            .map(|entry| entry.info.clone())
+            .collect()
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Entry>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn send_replaced(commands: &mpsc::Sender<SessionCommand>) {
+    // A full or closed queue means the session is already closing.
+    let _ = commands.try_send(SessionCommand::Close {
+        code: close_code::REPLACED,
+        reason: "replaced by a newer connection of the same identity".to_owned(),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(session_id: &str) -> SessionInfo {
+        SessionInfo {
+            session_id: session_id.to_owned(),
+            identity: Identity::new("u1", "h5").expect("valid"),
+            remote: SocketAddr::from(([127, 0, 0, 1], 1)),
+            connected_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn register_replaces_older_session() {
+        let registry = Registry::default();
+        let mut first = registry.register(info("a"));
+        let _second = registry.register(info("b"));
+        let command = first.try_recv().expect("replaced command");
+        assert!(matches!(
+            command,
+            SessionCommand::Close {
+                code: close_code::REPLACED,
+                ..
+            }
+        ));
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn late_announcement_of_older_session_is_ignored() {
+        let registry = Registry::default();
+        let mut current = registry.register(info("b"));
+        assert!(!registry.replace_if_older(&info("a").identity, "a"));
+        assert!(current.try_recv().is_err());
+        assert!(registry.replace_if_older(&info("a").identity, "c"));
+        assert!(current.try_recv().is_ok());
+    }
+
+    #[test]
+    fn unregister_keeps_newer_session() {
+        let registry = Registry::default();
+        let _first = registry.register(info("a"));
+        let _second = registry.register(info("b"));
+        registry.unregister(&info("a").identity, "a");
+        assert_eq!(registry.len(), 1);
+        registry.unregister(&info("b").identity, "b");
+        assert!(registry.is_empty());
+    }
+}

@@ -1,0 +1,372 @@
+//! One WebSocket session: pushes the identity's mailbox to the client and acks RabbitMQ after the client acks.
+//!
+//! Invariants:
+//! - at most `session.pending_ack_window` messages are pushed and unacked (the broker prefetch enforces it);
+//! - a delivery is acked in the broker only when the client acked its messageId;
+//! - when the session ends for any reason, releasing the subscription returns every unacked delivery to the
+//!   mailbox in order, so the next session of the identity, on any node, receives it again;
+//! - a client that misses a pong deadline or cannot take a frame within the write timeout is disconnected.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures_util::SinkExt;
+use futures_util::stream::{SplitSink, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tracing::{debug, info, warn};
+
+use super::Gateway;
+use super::registry::{SessionCommand, SessionInfo};
+use crate::broker::{ControlMessage, Delivery, DeliveryAcker, Subscription};
+use crate::domain::frame::{ErrorCode, PROTOCOL_V1, close_code};
+use crate::domain::{ClientFrame, Envelope, Identity, ServerFrame, TokenClaims};
+
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Sink = SplitSink<Socket, Message>;
+
+/// A message pushed to the client and waiting for its ack.
+struct Pending {
+    message_id: String,
+    acker: Box<dyn DeliveryAcker>,
+}
+
+/// Why the session loop ended.
+enum End {
+    /// Close the WebSocket with this code and reason.
+    Close(u16, String),
+    /// The connection is gone or unusable; no close frame can be sent.
+    Gone(String),
+}
+
+/// Runs one session until the client leaves, is replaced, or the gateway shuts down.
+pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, remote: SocketAddr) {
+    let identity = claims.identity();
+    let session_id = uuid::Uuid::now_v7().to_string();
+    let mut commands = gateway.registry.register(SessionInfo {
+        session_id: session_id.clone(),
+        identity: identity.clone(),
+        remote,
+        connected_at: SystemTime::now(),
+    });
+    info!(%identity, session_id = %session_id, %remote, "session opened");
+
+    let (mut sink, stream) = socket.split();
+    let announcement = ControlMessage::Takeover {
+        identity: identity.clone(),
+        session_id: session_id.clone(),
+        node: gateway.node.clone(),
+    };
+    if let Err(error) = gateway.broker.announce(announcement).await {
+        // Single-active-consumer still keeps the two sessions from splitting the mailbox.
+        warn!(%identity, %error, "announcing the session to other nodes failed");
+    }
+
+    let window = gateway.config.session.pending_ack_window;
+    let consumer_tag = format!("wsgw.{}.{session_id}", gateway.node);
+    let end = match gateway
+        .broker
+        .subscribe(&identity, &consumer_tag, window)
+        .await
+    {
+        Ok(Subscription {
+            deliveries,
+            release,
+        }) => {
+            let welcome = ServerFrame::Welcome {
+                session_id: session_id.clone(),
+                node: gateway.node.clone(),
+                unique_id: identity.unique_id.clone(),
+                client_type: identity.client_type.clone(),
+                protocol: PROTOCOL_V1.to_owned(),
+                pending_ack_window: window,
+            };
+            let mut session = Session {
+                gateway: gateway.clone(),
+                identity: identity.clone(),
+                pending: VecDeque::with_capacity(usize::from(window)),
+                invalid_frames: 0,
+            };
+            let end = match session.send(&mut sink, &welcome).await {
+                Ok(()) => {
+                    session
+                        .pump(&mut sink, stream, deliveries, &mut commands)
+                        .await
+                }
+                Err(end) => end,
+            };
+            let unacked = session.pending.len();
+            drop(session);
+            // Returns the unacked deliveries to the mailbox, in order.
+            release.await;
+            if unacked > 0 {
+                debug!(%identity, unacked, "returned unacked messages to the mailbox");
+            }
+            end
+        }
+        Err(error) => {
+            warn!(%identity, %error, "subscribing to the mailbox failed");
+            End::Close(
+                close_code::BROKER_UNAVAILABLE,
+                "the message broker is unavailable; reconnect later".to_owned(),
+            )
+        }
+    };
+
+    match &end {
+        End::Close(code, reason) => {
+            close(&mut sink, *code, reason, &gateway).await;
+            info!(%identity, session_id = %session_id, code, %reason, "session closed");
+        }
+        End::Gone(reason) => info!(%identity, session_id = %session_id, %reason, "session ended"),
+    }
+    gateway.registry.unregister(&identity, &session_id);
+}
+
+struct Session {
+    gateway: Arc<Gateway>,
+    identity: Identity,
+    pending: VecDeque<Pending>,
+    invalid_frames: u32,
+}
+
+impl Session {
+    async fn pump(
+        &mut self,
+        sink: &mut Sink,
+        mut stream: futures_util::stream::SplitStream<Socket>,
+        mut deliveries: futures_util::stream::BoxStream<'static, Delivery>,
+        commands: &mut tokio::sync::mpsc::Receiver<SessionCommand>,
+    ) -> End {
+        let config = self.gateway.config.session.clone();
+        let shutdown = self.gateway.shutdown.clone();
+        let mut next_ping = Instant::now() + config.ping_interval;
+        let mut pong_deadline: Option<Instant> = None;
+        loop {
+            let deadline = pong_deadline.unwrap_or(next_ping);
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    return End::Close(close_code::GOING_AWAY, "the gateway is shutting down; reconnect".to_owned());
+                }
+                command = commands.recv() => match command {
+                    Some(SessionCommand::Close { code, reason }) => return End::Close(code, reason),
+                    None => return End::Gone("session registry dropped".to_owned()),
+                },
+                delivery = deliveries.next() => match delivery {
+                    Some(delivery) => {
+                        if let Err(end) = self.push(sink, delivery).await {
+                            return end;
+                        }
+                    }
+                    None => {
+                        return End::Close(
+                            close_code::BROKER_UNAVAILABLE,
+                            "the gateway lost its message broker; reconnect later".to_owned(),
+                        );
+                    }
+                },
+                frame = stream.next() => {
+                    // Any frame shows the client is alive.
+                    pong_deadline = None;
+                    match frame {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Err(end) = self.handle_text(sink, text.as_str()).await {
+                                return end;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            let error = self.invalid(ErrorCode::InvalidFrame, "binary frames are not part of the protocol; send JSON text frames".to_owned(), None);
+                            if let Err(end) = self.reply_invalid(sink, error).await {
+                                return end;
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) => return End::Gone("client closed the connection".to_owned()),
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => return End::Gone(format!("read failed: {error}")),
+                        None => return End::Gone("connection closed without a close frame".to_owned()),
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    if pong_deadline.is_some() {
+                        return End::Close(close_code::PONG_TIMEOUT, "no pong within the pong timeout".to_owned());
+                    }
+                    if let Err(end) = self.send_message(sink, Message::Ping(Default::default())).await {
+                        return end;
+                    }
+                    next_ping = Instant::now() + config.ping_interval;
+                    pong_deadline = Some(Instant::now() + config.pong_timeout);
+                }
+            }
+        }
+    }
+
+    /// Pushes one delivery to the client and remembers it until the client acks.
+    async fn push(&mut self, sink: &mut Sink, delivery: Delivery) -> Result<(), End> {
+        let envelope = std::str::from_utf8(&delivery.body)
+            .map_err(|error| error.to_string())
+            .and_then(|text| Envelope::from_json(text).map_err(|error| error.to_string()));
+        let envelope = match envelope {
+            Ok(envelope) => envelope,
+            Err(reason) => {
+                // Not a wsgw envelope (a foreign publisher): park it in the dead-letter queue, never drop it.
+                warn!(
+                    identity = %self.identity,
+                    message_id = ?delivery.message_id,
+                    %reason,
+                    "dead-lettering an invalid message from the mailbox"
+                );
+                if let Err(error) = delivery.acker.dead_letter().await {
+                    warn!(identity = %self.identity, %error, "dead-lettering failed; the broker will redeliver");
+                }
+                return Ok(());
+            }
+        };
+        let message_id = envelope.id().to_owned();
+        let frame = ServerFrame::Message {
+            redelivered: delivery.redelivered,
+            replay_count: delivery.replay_count,
+            message: envelope,
+        };
+        self.pending.push_back(Pending {
+            message_id: message_id.clone(),
+            acker: delivery.acker,
+        });
+        debug!(identity = %self.identity, %message_id, redelivered = delivery.redelivered, "pushing message");
+        self.send(sink, &frame).await
+    }
+
+    async fn handle_text(&mut self, sink: &mut Sink, text: &str) -> Result<(), End> {
+        let frame: ClientFrame = match serde_json::from_str(text) {
+            Ok(frame) => frame,
+            Err(error) => {
+                let error = self.invalid(
+                    ErrorCode::InvalidFrame,
+                    format!("invalid frame: {error}; see the wsgw.v1 protocol for the frame types"),
+                    None,
+                );
+                return self.reply_invalid(sink, error).await;
+            }
+        };
+        match frame {
+            ClientFrame::Ack { message_id } => self.ack(sink, message_id).await,
+            ClientFrame::Reject { message_id, reason } => {
+                self.reject(sink, message_id, reason).await
+            }
+            ClientFrame::Send { message } => {
+                let error = ServerFrame::Error {
+                    code: ErrorCode::Unsupported,
+                    reason: "sending from a client is not supported by this gateway version"
+                        .to_owned(),
+                    message_id: message.message_id,
+                };
+                self.send(sink, &error).await
+            }
+        }
+    }
+
+    fn take_pending(&mut self, message_id: &str) -> Option<Pending> {
+        let position = self
+            .pending
+            .iter()
+            .position(|pending| pending.message_id == message_id)?;
+        self.pending.remove(position)
+    }
+
+    async fn ack(&mut self, sink: &mut Sink, message_id: String) -> Result<(), End> {
+        let Some(pending) = self.take_pending(&message_id) else {
+            let error = self.invalid(
+                ErrorCode::UnknownMessageId,
+                "no message with this messageId is waiting for an ack on this session".to_owned(),
+                Some(message_id),
+            );
+            return self.reply_invalid(sink, error).await;
+        };
+        // The client has the message: only now does it leave RabbitMQ.
+        if let Err(error) = pending.acker.ack().await {
+            warn!(identity = %self.identity, message_id = %message_id, %error, "ack failed; the message will be redelivered");
+        }
+        Ok(())
+    }
+
+    async fn reject(
+        &mut self,
+        sink: &mut Sink,
+        message_id: String,
+        reason: String,
+    ) -> Result<(), End> {
+        let Some(pending) = self.take_pending(&message_id) else {
+            let error = self.invalid(
+                ErrorCode::UnknownMessageId,
+                "no message with this messageId is waiting for an ack on this session".to_owned(),
+                Some(message_id),
+            );
+            return self.reply_invalid(sink, error).await;
+        };
+        // NOTE: a rejected message goes straight to the dead-letter queue; a retry budget before that is not
+        // implemented yet.
+        info!(identity = %self.identity, message_id = %message_id, %reason, "client rejected a message; dead-lettering it");
+        if let Err(error) = pending.acker.dead_letter().await {
+            warn!(identity = %self.identity, message_id = %message_id, %error, "dead-lettering failed; the message will be redelivered");
+        }
+        Ok(())
+    }
+
+    /// Counts an invalid frame and builds the error frame for it.
+    fn invalid(
+        &mut self,
+        code: ErrorCode,
+        reason: String,
+        message_id: Option<String>,
+    ) -> ServerFrame {
+        self.invalid_frames += 1;
+        ServerFrame::Error {
+            code,
+            reason,
+            message_id,
+        }
+    }
+
+    async fn reply_invalid(&mut self, sink: &mut Sink, error: ServerFrame) -> Result<(), End> {
+        self.send(sink, &error).await?;
+        if self.invalid_frames > self.gateway.config.session.max_invalid_frames {
+            return Err(End::Close(
+                close_code::POLICY_VIOLATION,
+                "too many invalid frames".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, sink: &mut Sink, frame: &ServerFrame) -> Result<(), End> {
+        self.send_message(sink, Message::text(frame.to_json()))
+            .await
+    }
+
+    async fn send_message(&mut self, sink: &mut Sink, message: Message) -> Result<(), End> {
+        let timeout = self.gateway.config.session.write_timeout;
+        match tokio::time::timeout(timeout, sink.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(End::Gone(format!("write failed: {error}"))),
+            Err(_) => Err(End::Gone(format!(
+                "the client did not read a frame within {} (slow client)",
+                humantime::format_duration(timeout)
+            ))),
+        }
+    }
+}
+
+async fn close(sink: &mut Sink, code: u16, reason: &str, gateway: &Gateway) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    let timeout = gateway.config.session.write_timeout;
+    let _ = tokio::time::timeout(timeout, sink.send(Message::Close(Some(frame)))).await;
+}
