@@ -36,9 +36,10 @@ pub async fn run(global: &GlobalArgs, args: &SendArgs) -> Result<(), CliError> {
     publisher.close().await;
     let published = result?;
 
-    let line = match output::resolve(global.output) {
-        OutputFormat::Table => published.message_id.clone(),
-        OutputFormat::Json => serde_json::to_string(&published).unwrap_or_default(),
+    // The bare messageId is the default even when piped, so `ID=$(wsgw send ...)` works.
+    let line = match global.output {
+        Some(OutputFormat::Json) => serde_json::to_string(&published).unwrap_or_default(),
+        _ => published.message_id.clone(),
     };
     output::print_line(&line)?;
     Ok(())
