@@ -86,7 +86,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print a connection URL with a fresh token for one identity
     Token(TokenArgs),
-    /// Publish one message with a broker confirm and print its messageId
+    /// Publish one message with a broker confirm and print its messageId (RabbitMQ with --amqp-url, else the
+    /// gateway's HTTP API)
     Send(SendArgs),
     /// Connect as a client, print each message received, and ack it
     Listen(ListenArgs),
@@ -139,13 +140,13 @@ pub struct TokenArgs {
 
 #[derive(Debug, Args)]
 pub struct SendArgs {
-    /// Recipient uniqueId
+    /// Recipient uniqueId; without --to-client-type the message reaches every client type of it
     #[arg(long, value_name = "UNIQUE_ID")]
-    pub to: String,
+    pub to: Option<String>,
 
     /// Recipient clientType
-    #[arg(long, value_name = "TYPE")]
-    pub to_client_type: String,
+    #[arg(long, value_name = "TYPE", requires = "to")]
+    pub to_client_type: Option<String>,
 
     /// Business the message belongs to, such as payment or qrcode
     #[arg(long, value_name = "NAME")]
@@ -180,11 +181,11 @@ pub struct SendArgs {
     #[arg(long, value_name = "TYPE")]
     pub from_client_type: Option<String>,
 
-    /// Tags to put in the envelope (comma-separated)
+    /// Tags (comma-separated); without --to the message is a broadcast to clients whose token has any of them
     #[arg(long, value_delimiter = ',', value_name = "TAG,...")]
     pub tags: Vec<String>,
 
-    /// Businesses to put in the envelope (comma-separated)
+    /// Businesses (comma-separated); without --to the message is a broadcast to clients whose token has any
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub businesses: Vec<String>,
 
@@ -196,6 +197,17 @@ pub struct SendArgs {
         value_name = "TYPE"
     )]
     pub send_type: SendTypeArg,
+
+    /// Wait until a client acked the message and print the receipt; exit 75 if none did in time (the message
+    /// stays queued)
+    #[arg(
+        long,
+        value_name = "DURATION",
+        num_args = 0..=1,
+        default_missing_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    pub wait: Option<Duration>,
 }
 
 /// The sendType values, spelled for the command line.

@@ -42,6 +42,12 @@ pub const KEYS: &[&str] = &[
     "session.write_buffer_size",
     "session.max_write_buffer_size",
     "session.max_invalid_frames",
+    "session.max_sends_in_flight",
+    "session.dedupe_window",
+    "session.broadcast_buffer",
+    "policy.client_to_client",
+    "memory.max_messages",
+    "memory.max_dead_letters",
 ];
 
 /// The whole configuration.
@@ -53,6 +59,47 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub mailbox: MailboxConfig,
     pub session: SessionConfig,
+    pub policy: PolicyConfig,
+    pub memory: MemoryConfig,
+}
+
+/// Which client types may message which, for CLIENT_TO_CLIENT messages.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Sender clientType to the recipient clientTypes it may message; `"*"` allows every type, including a
+    /// message to every client type of a uniqueId. A sender type not listed may message nobody.
+    pub client_to_client: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl PolicyConfig {
+    /// True when `from` may message `to` (None: every client type of the recipient).
+    pub fn allows(&self, from: &str, to: Option<&str>) -> bool {
+        self.client_to_client.get(from).is_some_and(|allowed| {
+            allowed
+                .iter()
+                .any(|entry| entry == "*" || Some(entry.as_str()) == to)
+        })
+    }
+}
+
+/// Limits of the in-process broker, used when no RabbitMQ URL is configured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Maximum number of messages held in all queues; further publishes are rejected.
+    pub max_messages: usize,
+    /// Maximum number of messages in the dead-letter queue; past it the oldest is dropped with an error log.
+    pub max_dead_letters: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            max_messages: 100_000,
+            max_dead_letters: 10_000,
+        }
+    }
 }
 
 /// The HTTP and WebSocket listener.
@@ -148,6 +195,12 @@ pub struct SessionConfig {
     pub max_write_buffer_size: usize,
     /// Invalid frames tolerated per session before it is closed with a policy violation.
     pub max_invalid_frames: u32,
+    /// Messages a client may have sent and not yet had confirmed; further sends get an error frame.
+    pub max_sends_in_flight: usize,
+    /// Confirmed client messageIds remembered per node to drop a client's resend of the same message.
+    pub dedupe_window: usize,
+    /// Broadcasts queued per session; when full, further broadcasts to that client are skipped and logged.
+    pub broadcast_buffer: usize,
 }
 
 impl Default for ServerConfig {
@@ -233,6 +286,9 @@ impl Default for SessionConfig {
             write_buffer_size: 8 * 1024,
             max_write_buffer_size: 256 * 1024,
             max_invalid_frames: 10,
+            max_sends_in_flight: 16,
+            dedupe_window: 100_000,
+            broadcast_buffer: 64,
         }
     }
 }
@@ -495,6 +551,8 @@ mod tests {
                 "mailbox.max_length"
                 | "session.pending_ack_window"
                 | "session.max_invalid_frames" => "7",
+                "policy.client_to_client" => "{ h5 = [\"h5\"], app = [\"*\"] }",
+                k if k.starts_with("memory.") || k.starts_with("session.") => "64",
                 _ => "text",
             }
         };

@@ -122,7 +122,8 @@ impl From<BrokerError> for CliError {
             | BrokerError::Operation { .. } => ExitCode::Unavailable,
             BrokerError::ConfirmTimeout { .. }
             | BrokerError::Blocked { .. }
-            | BrokerError::Refused { .. } => ExitCode::TempFail,
+            | BrokerError::Refused { .. }
+            | BrokerError::MemoryFull { .. } => ExitCode::TempFail,
         };
         CliError::new(code, error)
     }

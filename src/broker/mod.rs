@@ -1,19 +1,24 @@
 //! The broker port: what the gateway and the command line need from a message broker.
 //!
-//! [`rabbit`] implements it over RabbitMQ. The guarantees every adapter keeps: a publish returns `Ok` only
-//! after the broker accepted and routed the message; a delivery leaves the broker only when its [`Acker`] acks
-//! it; releasing a [`Subscription`] returns every unacked delivery to its mailbox, in order.
+//! [`rabbit`] implements it over RabbitMQ, [`memory`] in process for a single node without RabbitMQ. The
+//! guarantees every adapter keeps, checked by one contract test suite: a direct publish returns `Ok` only after
+//! the broker accepted and routed the message; a delivery leaves its mailbox only when its acker acks it;
+//! releasing a [`Subscription`] returns every unacked delivery to its mailbox, in order, marked redelivered; one
+//! mailbox has at most one active consumer at a time; broadcasts are at-most-once.
 
+pub mod memory;
 pub mod rabbit;
 
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::domain::{Envelope, Identity};
+use crate::domain::{Destination, Envelope, Identity};
 
 /// Header names the gateway stamps on every message at first publish and owns afterwards.
 pub mod header {
@@ -33,14 +38,58 @@ pub mod header {
 #[derive(Debug, Clone)]
 pub struct Publication {
     pub envelope: Envelope,
-    pub route: Route,
+    pub destination: Destination,
 }
 
-/// Where a publication goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    /// The durable mailbox of one identity.
-    Mailbox(Identity),
+impl Publication {
+    /// Routes a validated, stamped envelope by the routing rules.
+    pub fn new(envelope: Envelope) -> Result<Publication, crate::domain::EnvelopeError> {
+        let destination = crate::domain::routing::destination(&envelope)?;
+        Ok(Publication {
+            envelope,
+            destination,
+        })
+    }
+}
+
+/// A delivery receipt: the client that acked a message, where and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Receipt {
+    pub message_id: String,
+    pub unique_id: String,
+    pub client_type: String,
+    pub node: String,
+    /// When the client acked, in ms since the Unix epoch.
+    pub acked_at: u64,
+}
+
+/// A tag or business that a node's broadcast queue is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BroadcastKey {
+    Tag(String),
+    Business(String),
+}
+
+impl BroadcastKey {
+    /// The message header that carries this key, and the binding argument that matches it.
+    pub fn header(&self) -> String {
+        match self {
+            BroadcastKey::Tag(tag) => format!("t:{tag}"),
+            BroadcastKey::Business(business) => format!("b:{business}"),
+        }
+    }
+
+    /// Every key a broadcast envelope carries.
+    pub fn all_of(envelope: &Envelope) -> Vec<BroadcastKey> {
+        let tags = envelope.tags.iter().cloned().map(BroadcastKey::Tag);
+        let businesses = envelope
+            .businesses
+            .iter()
+            .cloned()
+            .map(BroadcastKey::Business);
+        tags.chain(businesses).collect()
+    }
 }
 
 /// A publication the broker confirmed and routed.
@@ -78,19 +127,31 @@ pub enum BrokerError {
         "RabbitMQ refused message {message_id} for queue {queue} (negative confirm); the mailbox may be full, so retry later"
     )]
     Refused { message_id: String, queue: String },
-    #[error(
-        "message {message_id} was not routed to any queue (routing key {routing_key:?}); it was parked in the dead-letter queue with reason unroutable"
-    )]
+    #[error("message {message_id} was not routed to any queue (routing key {routing_key:?}); {}", unroutable_outcome(*parked))]
     Unroutable {
         message_id: String,
         routing_key: String,
+        /// True when the message was copied to the dead-letter queue.
+        parked: bool,
     },
+    #[error(
+        "message {message_id} was not accepted: the in-process broker holds its maximum of {limit} messages; consume or wait, or use RabbitMQ"
+    )]
+    MemoryFull { message_id: String, limit: usize },
     #[error("RabbitMQ {operation} on {object} failed: {reason}")]
     Operation {
         operation: &'static str,
         object: String,
         reason: String,
     },
+}
+
+fn unroutable_outcome(parked: bool) -> &'static str {
+    if parked {
+        "it was parked in the dead-letter queue with reason unroutable; it is delivered once replayed after the recipient connected"
+    } else {
+        "no consumer is bound for it, so nothing was stored; bind a business queue to the inbound exchange, then retry"
+    }
 }
 
 /// Acks, requeues or dead-letters one delivery in the broker it came from.
@@ -111,6 +172,8 @@ pub struct Delivery {
     /// True when the broker delivered this message before (to this or another consumer).
     pub redelivered: bool,
     pub replay_count: u32,
+    /// Where to send the delivery receipt when the client acks, if the publisher asked for one.
+    pub reply_to: Option<String>,
     pub acker: Box<dyn DeliveryAcker>,
 }
 
@@ -149,16 +212,46 @@ pub enum ControlMessage {
 
 /// What the gateway needs from a message broker.
 pub trait Broker: Send + Sync + 'static {
-    /// Publishes with a confirm; `Ok` only when the broker accepted and routed the message.
+    /// Publishes with a confirm. For a direct destination, `Ok` means the broker stored and routed the message.
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>>;
 
-    /// Starts consuming `identity`'s mailbox with at most `prefetch` unacked deliveries.
+    /// Publishes like [`Broker::publish`], then waits up to `wait` for the receipt of the first client that
+    /// acks the message. `None` means no client acked in time; the message is still queued.
+    fn publish_and_wait(
+        &self,
+        publication: Publication,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<(Published, Option<Receipt>), BrokerError>>;
+
+    /// Sends a receipt to the publisher that asked for it. Best effort: a receipt whose publisher is gone is
+    /// dropped.
+    fn send_receipt(&self, reply_to: String, receipt: Receipt) -> BoxFuture<'_, ()>;
+
+    /// Starts consuming `identity`'s mailbox with at most `prefetch` unacked deliveries. The consumer becomes
+    /// active only when no other consumer of that mailbox is (single active consumer).
     fn subscribe(
         &self,
         identity: &Identity,
         consumer_tag: &str,
         prefetch: u16,
     ) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
+
+    /// Broadcasts that reached this node.
+    fn broadcasts(&self) -> broadcast::Receiver<Arc<Envelope>>;
+
+    /// Makes broadcasts carrying `key` reach this node.
+    fn bind_broadcast(&self, key: BroadcastKey) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Stops broadcasts carrying `key` from reaching this node (other keys may still bring them).
+    fn unbind_broadcast(&self, key: BroadcastKey) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Consumes client-to-server messages whose routing key matches `binding_key` (`*` one word, `#` any
+    /// number), through the named durable queue: what a business service does.
+    fn consume_inbound(
+        &self,
+        queue: &str,
+        binding_key: &str,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Delivery>, BrokerError>>;
 
     /// Sends a control message to every node, this one included.
     fn announce(&self, message: ControlMessage) -> BoxFuture<'_, Result<(), BrokerError>>;

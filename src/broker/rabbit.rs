@@ -4,18 +4,27 @@
 //! - `<prefix>.mailbox.<clientType>.<uniqueId>`: one durable mailbox per identity, with a message TTL, an idle
 //!   expiry, a length limit that rejects publishes, single-active-consumer and the dead-letter exchange.
 //!   Publishers reach it through the default exchange by name, so it needs no binding.
+//! - `<prefix>.direct` (direct): each mailbox is bound with its uniqueId, so one publish reaches every client
+//!   type of a uniqueId.
+//! - `<prefix>.inbound` (topic): client-to-server messages by `<businessType>.<messageType>`; business services
+//!   bind their own queues.
+//! - `<prefix>.broadcast` (headers, `x-match: any`) and one exclusive `<prefix>.broadcast.<node>` queue per node,
+//!   bound once per tag (`t:<tag>`) and business (`b:<business>`) of the node's clients.
 //! - `<prefix>.dlx` (fanout) and `<prefix>.dlq`: the dead-letter exchange and queue.
 //! - `<prefix>.control` (fanout) and one exclusive `<prefix>.control.<node>` queue per node: control messages.
+//! - Receipts use RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`).
 //!
 //! Publishes and consumes run on separate connections, because RabbitMQ blocks only connections that publish and
 //! a blocked connection would stall the consumers' acks too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Instant;
 
 use futures_util::future::{self, BoxFuture, FutureExt};
+use futures_util::stream::BoxStream;
 use futures_util::stream::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -25,14 +34,15 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
 };
-use tokio::sync::{Mutex, broadcast};
+use tokio::sync::{Mutex, broadcast, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{
-    Broker, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication, Published, Route,
-    Subscription, header,
+    BroadcastKey, Broker, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication,
+    Published, Receipt, Subscription, header,
 };
 use crate::config::{AmqpConfig, MailboxConfig, redact_url};
+use crate::domain::{Destination, Envelope, Identity};
 
 /// Queue and exchange names under one prefix.
 #[derive(Debug, Clone)]
@@ -56,7 +66,39 @@ impl Topology {
     pub fn control_queue(&self, node: &str) -> String {
         format!("{}.control.{node}", self.prefix)
     }
+
+    pub fn direct_exchange(&self) -> String {
+        format!("{}.direct", self.prefix)
+    }
+
+    pub fn inbound_exchange(&self) -> String {
+        format!("{}.inbound", self.prefix)
+    }
+
+    pub fn broadcast_exchange(&self) -> String {
+        format!("{}.broadcast", self.prefix)
+    }
+
+    pub fn broadcast_queue(&self, node: &str) -> String {
+        format!("{}.broadcast.{node}", self.prefix)
+    }
+
+    /// Exchange and routing key a destination is published with. Mailboxes are reached through the default
+    /// exchange by name.
+    pub fn address(&self, destination: &Destination) -> (String, String) {
+        match destination {
+            Destination::Identity(identity) => {
+                (String::new(), identity.mailbox_queue(&self.prefix))
+            }
+            Destination::AllClientTypes(unique_id) => (self.direct_exchange(), unique_id.clone()),
+            Destination::Server { routing_key } => (self.inbound_exchange(), routing_key.clone()),
+            Destination::Broadcast { .. } => (self.broadcast_exchange(), String::new()),
+        }
+    }
 }
+
+/// The reply-to pseudo-queue of RabbitMQ's direct reply-to.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Arguments of every mailbox queue. A mailbox declared with other arguments makes RabbitMQ reject the
 /// redeclare (406), so these must only change together with a migration.
@@ -141,6 +183,18 @@ pub struct Publisher {
     blocked: Arc<StdMutex<Option<String>>>,
     /// When each mailbox was last declared by this publisher, to re-declare it once per `declare_interval`.
     declared: StdMutex<HashMap<String, Instant>>,
+    receipts: Mutex<Option<ReceiptChannel>>,
+}
+
+/// A confirm channel that also consumes direct reply-to receipts, with the publishes waiting for one.
+#[derive(Clone)]
+struct ReceiptChannel {
+    channel: Channel,
+    waiters: Arc<StdMutex<HashMap<String, oneshot::Sender<Receipt>>>>,
+}
+
+fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Bound on the mailbox declare cache; past it, entries older than `declare_interval` are dropped.
@@ -166,6 +220,7 @@ impl Publisher {
             connected: Arc::new(AtomicBool::new(false)),
             blocked: Arc::new(StdMutex::new(None)),
             declared: StdMutex::new(HashMap::new()),
+            receipts: Mutex::new(None),
         };
         publisher.channels().await?;
         Ok(publisher)
@@ -224,16 +279,94 @@ impl Publisher {
 
     /// Publishes one message with a confirm within `amqp.publish_timeout`.
     pub async fn publish(&self, publication: &Publication) -> Result<Published, BrokerError> {
+        self.bounded(publication, async {
+            let (confirms, declares) = self.channels().await?;
+            self.publish_on(&confirms, &declares, publication, None)
+                .await
+        })
+        .await
+    }
+
+    /// Publishes with a reply-to address and waits up to `wait` for the first client's receipt.
+    pub async fn publish_and_wait(
+        &self,
+        publication: &Publication,
+        wait: std::time::Duration,
+    ) -> Result<(Published, Option<Receipt>), BrokerError> {
         let message_id = publication.envelope.id().to_owned();
+        let (receiver, waiters) = self
+            .bounded(publication, async {
+                let (_, declares) = self.channels().await?;
+                let receipts = self.receipt_channel().await?;
+                let (sender, receiver) = oneshot::channel();
+                lock(&receipts.waiters).insert(message_id.clone(), sender);
+                let published = self
+                    .publish_on(
+                        &receipts.channel,
+                        &declares,
+                        publication,
+                        Some(DIRECT_REPLY_TO),
+                    )
+                    .await;
+                if published.is_err() {
+                    lock(&receipts.waiters).remove(&message_id);
+                }
+                published.map(|published| ((published, receiver), receipts.waiters.clone()))
+            })
+            .await?;
+        let (published, receiver) = receiver;
+        let receipt = tokio::time::timeout(wait, receiver)
+            .await
+            .ok()
+            .and_then(Result::ok);
+        lock(&waiters).remove(&message_id);
+        Ok((published, receipt))
+    }
+
+    /// Sends a receipt to a direct reply-to address. Best effort: the publisher may be gone.
+    pub async fn send_receipt(&self, reply_to: &str, receipt: &Receipt) {
+        let body = serde_json::to_vec(receipt).unwrap_or_default();
+        let result = async {
+            let (confirms, _) = self.channels().await?;
+            confirms
+                .basic_publish(
+                    "".into(),
+                    reply_to.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_message_id(receipt.message_id.as_str().into()),
+                )
+                .await
+                .map_err(operation_error("basic.publish", "receipt"))?;
+            Ok::<(), BrokerError>(())
+        };
+        if let Err(error) = tokio::time::timeout(self.amqp.publish_timeout, result)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::ConfirmTimeout {
+                    message_id: receipt.message_id.clone(),
+                    timeout: humantime::format_duration(self.amqp.publish_timeout).to_string(),
+                })
+            })
+        {
+            debug!(message_id = %receipt.message_id, %error, "sending a delivery receipt failed");
+        }
+    }
+
+    /// Runs a publish within `amqp.publish_timeout`; a timeout while the broker blocks publishers says so.
+    async fn bounded<T>(
+        &self,
+        publication: &Publication,
+        publish: impl Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
         let timeout = self.amqp.publish_timeout;
-        match tokio::time::timeout(timeout, self.publish_unbounded(publication)).await {
+        match tokio::time::timeout(timeout, publish).await {
             Ok(result) => result,
             Err(_) => {
-                let blocked = self
-                    .blocked
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
+                let message_id = publication.envelope.id().to_owned();
+                let blocked = lock(&self.blocked).clone();
                 let timeout = humantime::format_duration(timeout).to_string();
                 Err(match blocked {
                     Some(reason) => BrokerError::Blocked {
@@ -250,52 +383,80 @@ impl Publisher {
         }
     }
 
-    async fn publish_unbounded(&self, publication: &Publication) -> Result<Published, BrokerError> {
+    async fn publish_on(
+        &self,
+        confirms: &Channel,
+        declares: &Channel,
+        publication: &Publication,
+        reply_to: Option<&str>,
+    ) -> Result<Published, BrokerError> {
         let envelope = &publication.envelope;
         let message_id = envelope.id().to_owned();
         let timestamp = envelope.timestamp.unwrap_or_default();
-        let Route::Mailbox(identity) = &publication.route;
-        let queue = identity.mailbox_queue(&self.topology.prefix);
+        let destination = &publication.destination;
+        let (exchange, routing_key) = self.topology.address(destination);
 
-        let (confirms, declares) = self.channels().await?;
-        // A declare counts as use of the mailbox: it resets the idle expiry, so a message published now is not
-        // deleted with its queue, and it creates the mailbox of an identity that never connected.
-        self.ensure_mailbox(&declares, &queue).await?;
+        if let Destination::Identity(identity) = destination {
+            // A declare counts as use of the mailbox: it resets the idle expiry, so a message published now is
+            // not deleted with its queue, and it creates the mailbox of an identity that never connected.
+            self.ensure_mailbox(declares, identity).await?;
+        }
+        // NOTE: a publish to every client type of a uniqueId does not declare those mailboxes (their client
+        // types are unknown here), so it does not reset their idle expiry.
 
         let mut headers = FieldTable::default();
         headers.insert(
             header::ORIGINAL_EXCHANGE.into(),
-            AMQPValue::LongString("".into()),
+            AMQPValue::LongString(exchange.as_str().into()),
         );
         headers.insert(
             header::ORIGINAL_ROUTING_KEY.into(),
-            AMQPValue::LongString(queue.as_str().into()),
+            AMQPValue::LongString(routing_key.as_str().into()),
         );
         headers.insert(header::REPLAY_COUNT.into(), AMQPValue::LongLongInt(0));
-        headers.insert(
-            header::RECIPIENT.into(),
-            AMQPValue::LongString(identity.to_string().into()),
-        );
-        let properties = message_properties(&message_id, timestamp, headers);
+        if let Some(recipient) = &envelope.to_unique_id {
+            let recipient = match &envelope.to_client_type {
+                Some(client_type) => format!("{recipient}/{client_type}"),
+                None => recipient.clone(),
+            };
+            headers.insert(
+                header::RECIPIENT.into(),
+                AMQPValue::LongString(recipient.into()),
+            );
+        }
+        for key in BroadcastKey::all_of(envelope) {
+            if matches!(destination, Destination::Broadcast { .. }) {
+                headers.insert(key.header().into(), AMQPValue::LongString("1".into()));
+            }
+        }
+        let mut properties = message_properties(&message_id, timestamp, headers);
+        if matches!(destination, Destination::Broadcast { .. }) {
+            // Broadcasts are at-most-once to the clients connected now: nothing to keep on disk.
+            properties = properties.with_delivery_mode(1);
+        }
+        if let Some(reply_to) = reply_to {
+            properties = properties.with_reply_to(reply_to.into());
+        }
         let body = envelope.to_json();
+        let mandatory = !matches!(destination, Destination::Broadcast { .. });
 
         let confirm = confirms
             .basic_publish(
-                "".into(),
-                queue.as_str().into(),
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    mandatory,
                     ..BasicPublishOptions::default()
                 },
                 body.as_bytes(),
                 properties.clone(),
             )
             .await
-            .map_err(operation_error("basic.publish", &queue))?;
+            .map_err(operation_error("basic.publish", &routing_key))?;
         // The first await above means only "written to the socket"; this one waits for the broker's confirm.
         let confirmation = confirm
             .await
-            .map_err(operation_error("publisher confirm", &queue))?;
+            .map_err(operation_error("publisher confirm", &routing_key))?;
         match confirmation {
             Confirmation::Ack(None) => Ok(Published {
                 message_id,
@@ -306,28 +467,94 @@ impl Publisher {
             Confirmation::Ack(Some(returned)) => {
                 warn!(
                     message_id = %message_id,
-                    queue = %queue,
+                    exchange = %exchange,
+                    routing_key = %routing_key,
                     reply_code = returned.reply_code,
-                    "message returned unroutable; parking it in the dead-letter queue"
+                    "message returned unroutable"
                 );
-                self.park_unroutable(&confirms, body.as_bytes(), properties)
-                    .await;
+                if destination.is_direct() {
+                    self.park_unroutable(confirms, body.as_bytes(), properties)
+                        .await;
+                }
                 Err(BrokerError::Unroutable {
                     message_id,
-                    routing_key: queue,
+                    routing_key,
+                    parked: destination.is_direct(),
                 })
             }
-            Confirmation::Nack(_) => Err(BrokerError::Refused { message_id, queue }),
+            Confirmation::Nack(_) => Err(BrokerError::Refused {
+                message_id,
+                queue: routing_key,
+            }),
             Confirmation::NotRequested => Err(BrokerError::Operation {
                 operation: "publisher confirm",
-                object: queue,
+                object: routing_key,
                 reason: "publisher confirms are not enabled on the publishing channel".to_owned(),
             }),
         }
     }
 
-    /// Declares `queue` as a mailbox unless this publisher did so within `mailbox.declare_interval`.
-    async fn ensure_mailbox(&self, declares: &Channel, queue: &str) -> Result<(), BrokerError> {
+    /// The channel that publishes with a reply-to address and consumes the receipts, opened on first use.
+    async fn receipt_channel(&self) -> Result<ReceiptChannel, BrokerError> {
+        let mut guard = self.receipts.lock().await;
+        if let Some(open) = guard.as_ref() {
+            if open.channel.status().connected() {
+                return Ok(open.clone());
+            }
+        }
+        let connection = {
+            let channels = self.channels.lock().await;
+            match channels.as_ref() {
+                Some(open) => open.connection.clone(),
+                None => {
+                    return Err(BrokerError::Operation {
+                        operation: "channel.open",
+                        object: "receipts".to_owned(),
+                        reason: "the publisher connection is closed".to_owned(),
+                    });
+                }
+            }
+        };
+        let channel = open_confirm_channel(&connection).await?;
+        // Direct reply-to: consume the pseudo-queue without acks on the channel that publishes the requests.
+        let mut consumer = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(operation_error("basic.consume", DIRECT_REPLY_TO))?;
+        let waiters: Arc<StdMutex<HashMap<String, oneshot::Sender<Receipt>>>> = Arc::default();
+        let routed = waiters.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let Ok(receipt) = serde_json::from_slice::<Receipt>(&delivery.data) else {
+                    warn!("ignoring an invalid delivery receipt");
+                    continue;
+                };
+                if let Some(waiter) = lock(&routed).remove(&receipt.message_id) {
+                    let _ = waiter.send(receipt);
+                }
+            }
+        });
+        let open = ReceiptChannel { channel, waiters };
+        *guard = Some(open.clone());
+        Ok(open)
+    }
+
+    /// Declares the identity's mailbox unless this publisher did so within `mailbox.declare_interval`.
+    async fn ensure_mailbox(
+        &self,
+        declares: &Channel,
+        identity: &Identity,
+    ) -> Result<(), BrokerError> {
+        let queue = identity.mailbox_queue(&self.topology.prefix);
+        let queue = queue.as_str();
         let now = Instant::now();
         let interval = self.mailbox.declare_interval;
         {
@@ -339,7 +566,7 @@ impl Publisher {
                 return Ok(());
             }
         }
-        declare_mailbox(declares, queue, &self.mailbox, &self.topology).await?;
+        declare_mailbox(declares, identity, &self.mailbox, &self.topology).await?;
         let mut declared = self.declared.lock().unwrap_or_else(|e| e.into_inner());
         if declared.len() >= DECLARE_CACHE_LIMIT {
             declared.retain(|_, at| now.duration_since(*at) < interval);
@@ -523,6 +750,21 @@ async fn declare_shared_topology(
         )
         .await
         .map_err(operation_error("queue.bind", &dlq))?;
+    for (exchange, kind) in [
+        (topology.direct_exchange(), ExchangeKind::Direct),
+        (topology.inbound_exchange(), ExchangeKind::Topic),
+        (topology.broadcast_exchange(), ExchangeKind::Headers),
+    ] {
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                kind,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(operation_error("exchange.declare", &exchange))?;
+    }
     channel
         .exchange_declare(
             control.as_str().into(),
@@ -537,13 +779,14 @@ async fn declare_shared_topology(
 
 async fn declare_mailbox(
     channel: &Channel,
-    queue: &str,
+    identity: &Identity,
     mailbox: &MailboxConfig,
     topology: &Topology,
 ) -> Result<(), BrokerError> {
+    let queue = identity.mailbox_queue(&topology.prefix);
     channel
         .queue_declare(
-            queue.into(),
+            queue.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..QueueDeclareOptions::default()
@@ -563,10 +806,22 @@ async fn declare_mailbox(
             };
             BrokerError::Operation {
                 operation: "queue.declare",
-                object: queue.to_owned(),
+                object: queue.clone(),
                 reason,
             }
         })?;
+    // The uniqueId binding lets one publish reach every client type of the uniqueId.
+    let exchange = topology.direct_exchange();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            identity.unique_id.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(operation_error("queue.bind", &queue))?;
     Ok(())
 }
 
@@ -644,6 +899,31 @@ impl DeliveryAcker for RabbitAcker {
     }
 }
 
+/// Converts a lapin delivery; its acker settles it on the channel it came from.
+fn delivery_from(delivery: lapin::message::Delivery, queue: &str) -> Delivery {
+    Delivery {
+        message_id: delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned()),
+        redelivered: delivery.redelivered,
+        replay_count: integer_header(delivery.properties.headers(), header::REPLAY_COUNT)
+            .and_then(|count| u32::try_from(count).ok())
+            .unwrap_or(0),
+        reply_to: delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|to| to.as_str().to_owned()),
+        body: delivery.data,
+        acker: Box::new(RabbitAcker {
+            acker: delivery.acker,
+            queue: queue.to_owned(),
+        }),
+    }
+}
+
 /// The gateway's broker over RabbitMQ: a publisher connection and a consumer connection.
 pub struct RabbitBroker {
     url: String,
@@ -651,16 +931,25 @@ pub struct RabbitBroker {
     mailbox: MailboxConfig,
     node: String,
     publisher: Publisher,
-    consumer: Mutex<Option<Arc<Connection>>>,
+    consumer: Mutex<Option<ConsumerSide>>,
     consumer_connected: Arc<AtomicBool>,
     control: broadcast::Sender<ControlMessage>,
+    broadcasts: broadcast::Sender<Arc<Envelope>>,
+    /// Keys this node's broadcast queue is bound to, re-bound after a reconnect.
+    broadcast_keys: StdMutex<HashSet<BroadcastKey>>,
 }
 
-/// Capacity of the in-process fan-out of control messages; a slower reader skips the oldest ones.
-const CONTROL_BUFFER: usize = 1024;
+/// The consumer connection and the channel that manages this node's broadcast bindings.
+struct ConsumerSide {
+    connection: Arc<Connection>,
+    bindings: Channel,
+}
+
+/// Capacity of the in-process fan-out of control messages and broadcasts; a slower reader skips the oldest.
+const FANOUT_BUFFER: usize = 1024;
 
 impl RabbitBroker {
-    /// Connects both connections, declares the topology and starts this node's control consumer.
+    /// Connects both connections, declares the topology and starts this node's control and broadcast consumers.
     pub async fn connect(
         url: &str,
         amqp: &AmqpConfig,
@@ -669,7 +958,6 @@ impl RabbitBroker {
     ) -> Result<RabbitBroker, BrokerError> {
         let publisher =
             Publisher::connect(url, amqp, mailbox, &format!("wsgw {node} publisher")).await?;
-        let (control, _) = broadcast::channel(CONTROL_BUFFER);
         let broker = RabbitBroker {
             url: url.to_owned(),
             amqp: amqp.clone(),
@@ -678,43 +966,121 @@ impl RabbitBroker {
             publisher,
             consumer: Mutex::new(None),
             consumer_connected: Arc::new(AtomicBool::new(false)),
-            control,
+            control: broadcast::channel(FANOUT_BUFFER).0,
+            broadcasts: broadcast::channel(FANOUT_BUFFER).0,
+            broadcast_keys: StdMutex::new(HashSet::new()),
         };
-        broker.consumer_connection().await?;
+        broker.consumer_side().await?;
         Ok(broker)
     }
 
-    /// The consumer connection, reopened (with this node's control consumer) when it was lost.
+    /// The publisher, for callers that publish without a gateway.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
     async fn consumer_connection(&self) -> Result<Arc<Connection>, BrokerError> {
+        Ok(self.consumer_side().await?.0)
+    }
+
+    /// The consumer connection and bindings channel, reopened (with this node's control and broadcast consumers
+    /// and bindings) when lost.
+    async fn consumer_side(&self) -> Result<(Arc<Connection>, Channel), BrokerError> {
         let mut guard = self.consumer.lock().await;
-        if let Some(connection) = guard.as_ref() {
-            if connection.status().connected() {
-                return Ok(connection.clone());
+        if let Some(side) = guard.as_mut() {
+            if side.connection.status().connected() {
+                if !side.bindings.status().connected() {
+                    side.bindings = side
+                        .connection
+                        .create_channel()
+                        .await
+                        .map_err(operation_error("channel.open", "consumer connection"))?;
+                }
+                return Ok((side.connection.clone(), side.bindings.clone()));
             }
             warn!(node = %self.node, "consumer connection lost; reconnecting");
         }
         let name = format!("wsgw {} consumer", self.node);
         let connection = Arc::new(open_connection(&self.url, &self.amqp, &name).await?);
         watch_connection(&connection, self.consumer_connected.clone(), None);
-        self.start_control_consumer(&connection).await?;
+        let topology = self.publisher.topology().clone();
+
+        let control_queue = topology.control_queue(&self.node);
+        let control = self
+            .consume_node_queue(
+                &connection,
+                &control_queue,
+                &topology.control_exchange(),
+                ExchangeKind::Fanout,
+            )
+            .await?;
+        let sender = self.control.clone();
+        spawn_node_consumer(
+            control,
+            control_queue,
+            move |data| match serde_json::from_slice::<ControlMessage>(data) {
+                Ok(message) => {
+                    let _ = sender.send(message);
+                }
+                Err(error) => warn!(%error, "ignoring an invalid control message"),
+            },
+        );
+
+        let broadcast_queue = topology.broadcast_queue(&self.node);
+        let broadcasts = self
+            .consume_node_queue(
+                &connection,
+                &broadcast_queue,
+                &topology.broadcast_exchange(),
+                ExchangeKind::Headers,
+            )
+            .await?;
+        let sender = self.broadcasts.clone();
+        spawn_node_consumer(broadcasts, broadcast_queue.clone(), move |data| {
+            match std::str::from_utf8(data)
+                .map_err(|e| e.to_string())
+                .and_then(|text| Envelope::from_json(text).map_err(|e| e.to_string()))
+            {
+                Ok(envelope) => {
+                    let _ = sender.send(Arc::new(envelope));
+                }
+                Err(error) => warn!(%error, "ignoring an invalid broadcast"),
+            }
+        });
+
+        let bindings = connection
+            .create_channel()
+            .await
+            .map_err(operation_error("channel.open", "consumer connection"))?;
+        let keys: Vec<BroadcastKey> = lock(&self.broadcast_keys).iter().cloned().collect();
+        for key in keys {
+            bind_broadcast_key(&bindings, &topology, &broadcast_queue, &key, true).await?;
+        }
         self.consumer_connected.store(true, Ordering::Relaxed);
         info!(node = %self.node, "consumer connected to RabbitMQ");
-        *guard = Some(connection.clone());
-        Ok(connection)
+        *guard = Some(ConsumerSide {
+            connection: connection.clone(),
+            bindings: bindings.clone(),
+        });
+        Ok((connection, bindings))
     }
 
-    async fn start_control_consumer(&self, connection: &Connection) -> Result<(), BrokerError> {
-        let topology = self.publisher.topology();
-        let queue = topology.control_queue(&self.node);
-        let exchange = topology.control_exchange();
+    /// Declares an exclusive queue of this node, bound to `exchange`, and consumes it without acks.
+    async fn consume_node_queue(
+        &self,
+        connection: &Connection,
+        queue: &str,
+        exchange: &str,
+        kind: ExchangeKind,
+    ) -> Result<lapin::Consumer, BrokerError> {
         let channel = connection
             .create_channel()
             .await
             .map_err(operation_error("channel.open", "consumer connection"))?;
         channel
             .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
+                exchange.into(),
+                kind.clone(),
                 ExchangeDeclareOptions {
                     durable: true,
                     ..ExchangeDeclareOptions::default()
@@ -722,10 +1088,10 @@ impl RabbitBroker {
                 FieldTable::default(),
             )
             .await
-            .map_err(operation_error("exchange.declare", &exchange))?;
+            .map_err(operation_error("exchange.declare", exchange))?;
         channel
             .queue_declare(
-                queue.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions {
                     exclusive: true,
                     auto_delete: true,
@@ -734,20 +1100,22 @@ impl RabbitBroker {
                 FieldTable::default(),
             )
             .await
-            .map_err(operation_error("queue.declare", &queue))?;
+            .map_err(operation_error("queue.declare", queue))?;
+        if matches!(kind, ExchangeKind::Fanout) {
+            channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(operation_error("queue.bind", queue))?;
+        }
         channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(operation_error("queue.bind", &queue))?;
-        let mut consumer = channel
             .basic_consume(
-                queue.as_str().into(),
+                queue.into(),
                 "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -756,30 +1124,16 @@ impl RabbitBroker {
                 FieldTable::default(),
             )
             .await
-            .map_err(operation_error("basic.consume", &queue))?;
-        let sender = self.control.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = consumer.next().await {
-                match serde_json::from_slice::<ControlMessage>(&delivery.data) {
-                    Ok(message) => {
-                        let _ = sender.send(message);
-                    }
-                    Err(error) => {
-                        warn!(queue = %queue, %error, "ignoring an invalid control message")
-                    }
-                }
-            }
-            debug!(queue = %queue, "control consumer ended");
-        });
-        Ok(())
+            .map_err(operation_error("basic.consume", queue))
     }
 
     async fn subscribe_mailbox(
         &self,
-        queue: String,
+        identity: Identity,
         consumer_tag: String,
         prefetch: u16,
     ) -> Result<Subscription, BrokerError> {
+        let queue = identity.mailbox_queue(&self.publisher.topology().prefix);
         let connection = self.consumer_connection().await?;
         let channel = connection
             .create_channel()
@@ -789,7 +1143,13 @@ impl RabbitBroker {
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(operation_error("basic.qos", &queue))?;
-        declare_mailbox(&channel, &queue, &self.mailbox, self.publisher.topology()).await?;
+        declare_mailbox(
+            &channel,
+            &identity,
+            &self.mailbox,
+            self.publisher.topology(),
+        )
+        .await?;
         let consumer = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -803,22 +1163,7 @@ impl RabbitBroker {
         let deliveries = consumer
             .take_while(|item| future::ready(item.is_ok()))
             .filter_map(|item| future::ready(item.ok()))
-            .map(move |delivery| Delivery {
-                message_id: delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.as_str().to_owned()),
-                redelivered: delivery.redelivered,
-                replay_count: integer_header(delivery.properties.headers(), header::REPLAY_COUNT)
-                    .and_then(|count| u32::try_from(count).ok())
-                    .unwrap_or(0),
-                body: delivery.data,
-                acker: Box::new(RabbitAcker {
-                    acker: delivery.acker,
-                    queue: acker_queue.clone(),
-                }),
-            })
+            .map(move |delivery| delivery_from(delivery, &acker_queue))
             .boxed();
         // Closing the channel makes RabbitMQ return every unacked delivery to the mailbox in its original order.
         let release = async move {
@@ -832,6 +1177,123 @@ impl RabbitBroker {
             release,
         })
     }
+
+    async fn change_broadcast_binding(
+        &self,
+        key: BroadcastKey,
+        bind: bool,
+    ) -> Result<(), BrokerError> {
+        {
+            let mut keys = lock(&self.broadcast_keys);
+            if bind {
+                keys.insert(key.clone());
+            } else {
+                keys.remove(&key);
+            }
+        }
+        let (_, bindings) = self.consumer_side().await?;
+        let topology = self.publisher.topology();
+        bind_broadcast_key(
+            &bindings,
+            topology,
+            &topology.broadcast_queue(&self.node),
+            &key,
+            bind,
+        )
+        .await
+    }
+
+    async fn consume_business_queue(
+        &self,
+        queue: String,
+        binding_key: String,
+    ) -> Result<BoxStream<'static, Delivery>, BrokerError> {
+        let connection = self.consumer_connection().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(operation_error("channel.open", "consumer connection"))?;
+        let exchange = self.publisher.topology().inbound_exchange();
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(operation_error("queue.declare", &queue))?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                binding_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(operation_error("queue.bind", &queue))?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(operation_error("basic.consume", &queue))?;
+        Ok(consumer
+            .take_while(|item| future::ready(item.is_ok()))
+            .filter_map(|item| future::ready(item.ok()))
+            .map(move |delivery| delivery_from(delivery, &queue))
+            .boxed())
+    }
+}
+
+async fn bind_broadcast_key(
+    channel: &Channel,
+    topology: &Topology,
+    queue: &str,
+    key: &BroadcastKey,
+    bind: bool,
+) -> Result<(), BrokerError> {
+    let exchange = topology.broadcast_exchange();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-match".into(), AMQPValue::LongString("any".into()));
+    arguments.insert(key.header().into(), AMQPValue::LongString("1".into()));
+    if bind {
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                arguments,
+            )
+            .await
+            .map_err(operation_error("queue.bind", queue))
+    } else {
+        channel
+            .queue_unbind(queue.into(), exchange.as_str().into(), "".into(), arguments)
+            .await
+            .map_err(operation_error("queue.unbind", queue))
+    }
+}
+
+/// Forwards the deliveries of a node queue to `handle` until the consumer ends.
+fn spawn_node_consumer(
+    mut consumer: lapin::Consumer,
+    queue: String,
+    handle: impl Fn(&[u8]) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            handle(&delivery.data);
+        }
+        debug!(queue = %queue, "node queue consumer ended");
+    });
 }
 
 impl Broker for RabbitBroker {
@@ -839,15 +1301,46 @@ impl Broker for RabbitBroker {
         async move { self.publisher.publish(&publication).await }.boxed()
     }
 
+    fn publish_and_wait(
+        &self,
+        publication: Publication,
+        wait: std::time::Duration,
+    ) -> BoxFuture<'_, Result<(Published, Option<Receipt>), BrokerError>> {
+        async move { self.publisher.publish_and_wait(&publication, wait).await }.boxed()
+    }
+
+    fn send_receipt(&self, reply_to: String, receipt: Receipt) -> BoxFuture<'_, ()> {
+        async move { self.publisher.send_receipt(&reply_to, &receipt).await }.boxed()
+    }
+
     fn subscribe(
         &self,
-        identity: &crate::domain::Identity,
+        identity: &Identity,
         consumer_tag: &str,
         prefetch: u16,
     ) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
-        let queue = identity.mailbox_queue(&self.publisher.topology().prefix);
-        let consumer_tag = consumer_tag.to_owned();
-        self.subscribe_mailbox(queue, consumer_tag, prefetch)
+        self.subscribe_mailbox(identity.clone(), consumer_tag.to_owned(), prefetch)
+            .boxed()
+    }
+
+    fn broadcasts(&self) -> broadcast::Receiver<Arc<Envelope>> {
+        self.broadcasts.subscribe()
+    }
+
+    fn bind_broadcast(&self, key: BroadcastKey) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.change_broadcast_binding(key, true).boxed()
+    }
+
+    fn unbind_broadcast(&self, key: BroadcastKey) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.change_broadcast_binding(key, false).boxed()
+    }
+
+    fn consume_inbound(
+        &self,
+        queue: &str,
+        binding_key: &str,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Delivery>, BrokerError>> {
+        self.consume_business_queue(queue.to_owned(), binding_key.to_owned())
             .boxed()
     }
 
@@ -866,8 +1359,8 @@ impl Broker for RabbitBroker {
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
             self.publisher.close().await;
-            if let Some(connection) = self.consumer.lock().await.take() {
-                let _ = connection.close(200, "closing".into()).await;
+            if let Some(side) = self.consumer.lock().await.take() {
+                let _ = side.connection.close(200, "closing".into()).await;
             }
             self.consumer_connected.store(false, Ordering::Relaxed);
         }

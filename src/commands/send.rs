@@ -1,13 +1,22 @@
-//! `wsgw send`: publishes one direct message with a broker confirm and prints its messageId.
+//! `wsgw send`: publishes one message with a broker confirm and prints its messageId.
+//!
+//! With an AMQP URL it publishes straight to RabbitMQ; otherwise it posts to the gateway's HTTP API, which
+//! publishes with the same confirm. `--wait` then waits for the delivery receipt.
 
 use std::io::Read;
 use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
 
 use crate::broker::rabbit::Publisher;
-use crate::broker::{Publication, Route};
+use crate::broker::{Publication, Published, Receipt};
 use crate::cli::{GlobalArgs, OutputFormat, SendArgs};
-use crate::domain::{Envelope, EnvelopeError};
+use crate::client::ApiAnswer;
+use crate::credentials;
+use crate::domain::{Destination, Envelope, EnvelopeError};
 use crate::exit::{CliError, ExitCode};
+use crate::http_client;
 use crate::output;
 
 /// Maximum size of `--content` or `--content-file`, in bytes.
@@ -16,33 +25,146 @@ const MAX_CONTENT_BYTES: u64 = 4 * 1024 * 1024;
 pub async fn run(global: &GlobalArgs, args: &SendArgs) -> Result<(), CliError> {
     let config = super::load_config(global)?;
     let envelope = build_envelope(args)?;
-    let recipient = envelope
-        .recipient()
-        .map_err(|error| CliError::new(ExitCode::DataError, error))?;
-
-    let Some(amqp_url) = config.amqp.url.clone() else {
+    let publication =
+        Publication::new(envelope).map_err(|error| CliError::new(ExitCode::DataError, error))?;
+    if args.wait.is_some() && matches!(publication.destination, Destination::Broadcast { .. }) {
         return Err(CliError::msg(
-            ExitCode::Config,
-            "no RabbitMQ URL: pass --amqp-url or set WSGW_AMQP_URL",
+            ExitCode::Usage,
+            "--wait needs a direct message (--to): broadcasts are at-most-once and have no receipts",
         ));
-    };
-    let publisher =
-        Publisher::connect(&amqp_url, &config.amqp, &config.mailbox, "wsgw send").await?;
-    let publication = Publication {
-        envelope,
-        route: Route::Mailbox(recipient),
-    };
-    let result = publisher.publish(&publication).await;
-    publisher.close().await;
-    let published = result?;
+    }
 
-    // The bare messageId is the default even when piped, so `ID=$(wsgw send ...)` works.
+    let (published, receipt) = match config.amqp.url.clone() {
+        Some(amqp_url) => {
+            let publisher =
+                Publisher::connect(&amqp_url, &config.amqp, &config.mailbox, "wsgw send").await?;
+            let result = match args.wait {
+                Some(wait) => publisher.publish_and_wait(&publication, wait).await,
+                None => publisher
+                    .publish(&publication)
+                    .await
+                    .map(|published| (published, None)),
+            };
+            publisher.close().await;
+            result?
+        }
+        None => post(global, &publication.envelope, args.wait).await?,
+    };
+
     let line = match global.output {
-        Some(OutputFormat::Json) => serde_json::to_string(&published).unwrap_or_default(),
-        _ => published.message_id.clone(),
+        Some(OutputFormat::Json) => serde_json::json!({
+            "messageId": published.message_id,
+            "timestamp": published.timestamp,
+            "receipt": receipt,
+        })
+        .to_string(),
+        // The bare messageId is the default even when piped, so `ID=$(wsgw send ...)` works.
+        _ => match &receipt {
+            Some(receipt) => format!("{}\n{}", published.message_id, describe(receipt)),
+            None => published.message_id.clone(),
+        },
     };
     output::print_line(&line)?;
+    if let (Some(wait), None) = (args.wait, &receipt) {
+        return Err(CliError::msg(
+            ExitCode::TempFail,
+            format!(
+                "no client acked message {} within {}; it is still queued in its mailbox (not lost) and is \
+                 delivered when the recipient connects",
+                published.message_id,
+                humantime::format_duration(wait)
+            ),
+        ));
+    }
     Ok(())
+}
+
+fn describe(receipt: &Receipt) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(receipt.acked_at);
+    format!(
+        "delivered to {}/{} on node {} at {}",
+        receipt.unique_id,
+        receipt.client_type,
+        receipt.node,
+        humantime::format_rfc3339_millis(at)
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PostedData {
+    message_id: String,
+    timestamp: u64,
+    #[serde(default)]
+    receipt: Option<Receipt>,
+}
+
+/// Publishes through the gateway's `POST /api/v1/messages`.
+async fn post(
+    global: &GlobalArgs,
+    envelope: &Envelope,
+    wait: Option<Duration>,
+) -> Result<(Published, Option<Receipt>), CliError> {
+    let server = super::server_url(global);
+    let api_key = global
+        .api_key
+        .clone()
+        .or_else(|| credentials::load().map(|local| local.api_key))
+        .ok_or_else(|| {
+            CliError::msg(
+                ExitCode::Config,
+                "no AMQP URL and no API key: pass --amqp-url to publish to RabbitMQ, or --api-key (WSGW_API_KEY) \
+                 to publish through the gateway at --server",
+            )
+        })?;
+    let mut url = format!("{server}/api/v1/messages");
+    if let Some(wait) = wait {
+        url.push_str(&format!("?wait={}", humantime::format_duration(wait)));
+    }
+    let timeout = wait.unwrap_or_default() + Duration::from_secs(30);
+    let (status, body) = http_client::request(
+        hyper::Method::POST,
+        &url,
+        Some(&api_key),
+        Some(envelope.to_json().into_bytes()),
+        timeout,
+    )
+    .await
+    .map_err(|error| CliError::new(ExitCode::Unavailable, error))?;
+    let answer: ApiAnswer = serde_json::from_slice(&body).map_err(|error| {
+        CliError::msg(
+            ExitCode::Protocol,
+            format!("the gateway answered HTTP {status} with invalid JSON: {error}"),
+        )
+    })?;
+    if !status.is_success() || answer.result != 0 {
+        let code = match status.as_u16() {
+            400 | 413 => ExitCode::DataError,
+            401 | 403 => ExitCode::NoPermission,
+            429 | 504 => ExitCode::TempFail,
+            _ => ExitCode::Unavailable,
+        };
+        return Err(CliError::msg(
+            code,
+            format!(
+                "the gateway rejected the message (HTTP {status}): {}",
+                answer.description
+            ),
+        ));
+    }
+    let data: PostedData = serde_json::from_value(answer.data).map_err(|error| {
+        CliError::msg(
+            ExitCode::Protocol,
+            format!("the gateway's answer has no messageId: {error}"),
+        )
+    })?;
+    Ok((
+        Published {
+            message_id: data.message_id,
+            timestamp: data.timestamp,
+        },
+        data.receipt,
+    ))
 }
 
 /// Builds and validates the envelope from the flags, stamping its messageId and timestamp.
@@ -73,9 +195,9 @@ fn build_envelope(args: &SendArgs) -> Result<Envelope, CliError> {
         message_type: args.message_type.clone(),
         business_type: args.business_type.clone(),
         from_unique_id: args.from_unique_id.clone(),
-        to_unique_id: Some(args.to.clone()),
+        to_unique_id: args.to.clone(),
         from_client_type: args.from_client_type.clone(),
-        to_client_type: Some(args.to_client_type.clone()),
+        to_client_type: args.to_client_type.clone(),
         timestamp: None,
         content,
         tags: args.tags.clone(),

@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
+use crate::broker::memory::MemoryBroker;
 use crate::broker::rabbit::RabbitBroker;
 use crate::cli::{GlobalArgs, ServeArgs};
 use crate::config::Config;
@@ -60,14 +61,18 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
     };
     let (signer, api_keys) = secrets(&config, global.api_key.as_deref(), local)?;
 
-    let Some(amqp_url) = config.amqp.url.clone() else {
-        return Err(CliError::msg(
-            ExitCode::Config,
-            "no RabbitMQ URL configured: pass --amqp-url, set WSGW_AMQP_URL, or set amqp.url in the config file",
-        ));
+    let broker: Arc<dyn Broker> = match &config.amqp.url {
+        Some(amqp_url) => {
+            Arc::new(RabbitBroker::connect(amqp_url, &config.amqp, &config.mailbox, &node).await?)
+        }
+        None => {
+            warn!(
+                "no RabbitMQ URL configured: using the in-process broker, which keeps messages in memory on this \
+                 node only (lost on restart, no other nodes); set amqp.url or WSGW_AMQP_URL for production"
+            );
+            Arc::new(MemoryBroker::new(&config.memory, &config.mailbox))
+        }
     };
-    let broker = RabbitBroker::connect(&amqp_url, &config.amqp, &config.mailbox, &node).await?;
-    let broker: Arc<dyn Broker> = Arc::new(broker);
 
     let gateway = Gateway::new(
         config,

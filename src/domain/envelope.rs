@@ -259,7 +259,7 @@ fn validate_type_name(field: &'static str, value: &str) -> Result<(), EnvelopeEr
 
 /// Checks tags or businesses. Each is a word of a topic routing key, so it holds any UTF-8 except dots,
 /// the wildcards `*` and `#`, and control characters.
-fn validate_tags(field: &'static str, values: &[String]) -> Result<(), EnvelopeError> {
+pub fn validate_tags(field: &'static str, values: &[String]) -> Result<(), EnvelopeError> {
     if values.len() > MAX_TAGS {
         return Err(EnvelopeError::Invalid {
             field,

@@ -24,6 +24,8 @@ pub mod close_code {
     pub const BROKER_UNAVAILABLE: u16 = 1013;
     /// The gateway is shutting down; the client reconnects, possibly to another node.
     pub const GOING_AWAY: u16 = 1001;
+    /// A message from the client exceeded `session.max_message_size`.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The client broke the protocol too often (for example, repeated invalid frames).
     pub const POLICY_VIOLATION: u16 = 1008;
 }

@@ -6,9 +6,11 @@
 pub mod envelope;
 pub mod frame;
 pub mod identity;
+pub mod routing;
 pub mod token;
 
 pub use envelope::{Envelope, EnvelopeError, SendType};
 pub use frame::{ClientFrame, ServerFrame};
 pub use identity::{Identity, IdentityError};
+pub use routing::Destination;
 pub use token::{TokenClaims, TokenError, TokenSigner};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -25,8 +25,10 @@ use tracing::{debug, info};
 use super::Gateway;
 use super::auth::{self, ClaimError};
 use super::session;
-use crate::domain::envelope::unix_millis;
+use crate::broker::{BrokerError, Publication};
+use crate::domain::envelope::{self, unix_millis};
 use crate::domain::frame::PROTOCOL_V1;
+use crate::domain::{Envelope, SendType};
 use crate::domain::{Identity, TokenError};
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -43,12 +45,21 @@ pub async fn route(
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, "ok", None),
         (&Method::GET, "/readyz") => readiness(&gateway),
         (&Method::GET, "/websocket/token") => issue_token(&gateway, &request),
+        (&Method::POST, "/api/v1/messages") => publish_message(&gateway, request).await,
         (&Method::GET, path) if path.starts_with("/socket/") => {
             upgrade(gateway, remote, permit, request).await
         }
         (_, "/healthz" | "/readyz" | "/websocket/token") => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed; use GET".to_owned(),
+        ),
+        (_, "/api/v1/messages") => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed; use POST".to_owned(),
+        ),
+        (_, path) if path.starts_with("/socket/") => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed; open a WebSocket with GET".to_owned(),
         ),
         _ => error_response(
             StatusCode::NOT_FOUND,
@@ -72,23 +83,31 @@ fn readiness(gateway: &Gateway) -> HttpResponse {
     }
 }
 
-/// `GET /websocket/token?uniqueId=..&clientType=..[&tags=a,b][&businesses=x][&ttl=30s]` with an API key.
-fn issue_token(gateway: &Gateway, request: &Request<Incoming>) -> HttpResponse {
+/// Checks the bearer API key; returns the error response when it is missing or wrong.
+fn authorize(gateway: &Gateway, request: &Request<Incoming>) -> Option<HttpResponse> {
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
     let Some(key) = auth::bearer(authorization) else {
-        return error_response(
+        return Some(error_response(
             StatusCode::UNAUTHORIZED,
             "missing API key; send it as `Authorization: Bearer <key>`".to_owned(),
-        );
+        ));
     };
     if !auth::api_key_matches(&gateway.api_keys, key) {
-        return error_response(
+        return Some(error_response(
             StatusCode::UNAUTHORIZED,
             "invalid API key; use a key listed in auth.api_keys".to_owned(),
-        );
+        ));
+    }
+    None
+}
+
+/// `GET /websocket/token?uniqueId=..&clientType=..[&tags=a,b][&businesses=x][&ttl=30s]` with an API key.
+fn issue_token(gateway: &Gateway, request: &Request<Incoming>) -> HttpResponse {
+    if let Some(rejection) = authorize(gateway, request) {
+        return rejection;
     }
 
     let query = request.uri().query().unwrap_or("");
@@ -132,6 +151,12 @@ fn issue_token(gateway: &Gateway, request: &Request<Incoming>) -> HttpResponse {
         Ok(identity) => identity,
         Err(error) => return error_response(StatusCode::BAD_REQUEST, error.to_string()),
     };
+    // Token tags and businesses follow the envelope's rules, so broadcasts can match them.
+    if let Err(error) = envelope::validate_tags("tags", &tags)
+        .and_then(|()| envelope::validate_tags("businesses", &businesses))
+    {
+        return error_response(StatusCode::BAD_REQUEST, error.to_string());
+    }
     let token = gateway
         .signer
         .mint(&identity, &tags, &businesses, ttl, SystemTime::now());
@@ -274,6 +299,118 @@ async fn upgrade(
         );
     }
     response
+}
+
+/// Longest `wait` the publish API accepts.
+const MAX_PUBLISH_WAIT: Duration = Duration::from_secs(300);
+
+/// `POST /api/v1/messages[?wait=10s]` with an API key and an envelope as the body: publishes with a confirm.
+/// 202 with the messageId once the broker confirmed; with `wait`, 200 and the receipt once a client acked.
+async fn publish_message(gateway: &Gateway, request: Request<Incoming>) -> HttpResponse {
+    if let Some(rejection) = authorize(gateway, &request) {
+        return rejection;
+    }
+    let mut wait = None;
+    for (name, value) in url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+    {
+        if name == "wait" {
+            match humantime::parse_duration(&value) {
+                Ok(parsed) if parsed <= MAX_PUBLISH_WAIT => wait = Some(parsed),
+                _ => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid wait {value:?}: give a duration such as 10s, at most 5m"),
+                    );
+                }
+            }
+        }
+    }
+    let limit = gateway.config.session.max_message_size;
+    let body = match http_body_util::Limited::new(request.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {limit} bytes (session.max_message_size)"),
+            );
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "the body is not UTF-8 JSON".to_owned(),
+        );
+    };
+    let mut envelope = match Envelope::from_json(text) {
+        Ok(envelope) => envelope,
+        Err(error) => return error_response(StatusCode::BAD_REQUEST, error.to_string()),
+    };
+    if envelope.send_type == SendType::ClientToServer {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid sendType \"CLIENT_TO_SERVER\": clients send those over their WebSocket; publish SERVER_TO_CLIENT \
+             or CLIENT_TO_CLIENT here"
+                .to_owned(),
+        );
+    }
+    envelope.stamp_first_publish();
+    let publication = match Publication::new(envelope) {
+        Ok(publication) => publication,
+        Err(error) => return error_response(StatusCode::BAD_REQUEST, error.to_string()),
+    };
+    let direct = publication.destination.is_direct();
+    let outcome = match wait {
+        Some(wait) if direct => gateway.broker.publish_and_wait(publication, wait).await,
+        Some(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "wait needs a direct message (toUniqueId): broadcasts are at-most-once and have no receipts".to_owned(),
+            );
+        }
+        None => gateway
+            .broker
+            .publish(publication)
+            .await
+            .map(|published| (published, None)),
+    };
+    match outcome {
+        Ok((published, receipt)) => {
+            let data = json!({
+                "messageId": published.message_id,
+                "timestamp": published.timestamp,
+                "receipt": receipt,
+            });
+            let (status, description) = match (&receipt, wait) {
+                (Some(_), _) => (StatusCode::OK, "delivered".to_owned()),
+                (None, Some(wait)) => (
+                    StatusCode::ACCEPTED,
+                    format!(
+                        "accepted; no client acked within {}, so the message is still queued",
+                        humantime::format_duration(wait)
+                    ),
+                ),
+                (None, None) => (StatusCode::ACCEPTED, "accepted".to_owned()),
+            };
+            with_json(
+                status,
+                json!({ "result": 0, "description": description, "data": data }),
+            )
+        }
+        Err(error) => {
+            info!(%error, "publish through the HTTP API failed");
+            let status = match &error {
+                BrokerError::Unroutable { .. } => StatusCode::NOT_FOUND,
+                BrokerError::Refused { .. } | BrokerError::MemoryFull { .. } => {
+                    StatusCode::TOO_MANY_REQUESTS
+                }
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            error_response(status, error.to_string())
+        }
+    }
 }
 
 fn json_response(status: StatusCode, description: &str, data: Option<String>) -> HttpResponse {

@@ -4,6 +4,8 @@
 //! tracked and raced against the shutdown token; a token or API key is never logged.
 
 pub mod auth;
+mod broadcast;
+pub mod dedupe;
 mod http;
 pub mod registry;
 mod session;
@@ -25,6 +27,7 @@ use crate::broker::{Broker, ControlMessage};
 use crate::config::Config;
 use crate::domain::TokenSigner;
 use auth::UsedTokens;
+use dedupe::DedupeWindow;
 use registry::Registry;
 
 /// Everything a request handler or a session needs, shared by all of them.
@@ -39,6 +42,8 @@ pub struct Gateway {
     pub api_keys: Vec<String>,
     pub registry: Registry,
     pub used_tokens: UsedTokens,
+    pub dedupe: DedupeWindow,
+    pub broadcast_bindings: broadcast::Bindings,
     /// Cancelled when the gateway shuts down; every loop races it.
     pub shutdown: CancellationToken,
     /// Every connection and session task, so shutdown can wait for them.
@@ -55,6 +60,7 @@ impl Gateway {
         api_keys: Vec<String>,
     ) -> Arc<Gateway> {
         let used_tokens = UsedTokens::new(config.auth.used_token_capacity);
+        let dedupe = DedupeWindow::new(config.session.dedupe_window);
         Arc::new(Gateway {
             config,
             node,
@@ -64,6 +70,8 @@ impl Gateway {
             api_keys,
             registry: Registry::default(),
             used_tokens,
+            dedupe,
+            broadcast_bindings: broadcast::Bindings::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })
@@ -72,6 +80,7 @@ impl Gateway {
     /// Serves `listener` until the shutdown token is cancelled, then waits up to `grace` for open connections.
     pub async fn serve(self: &Arc<Self>, listener: TcpListener, grace: Duration) {
         self.spawn_control_listener();
+        broadcast::spawn_fan_out(self);
         let connection_limit = Arc::new(Semaphore::new(self.config.server.max_connections));
         let mut accept_backoff = Duration::from_millis(10);
         loop {

@@ -9,10 +9,12 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
-use crate::domain::Identity;
 use crate::domain::frame::close_code;
+use crate::domain::{Envelope, Identity};
 
 /// An instruction to a running session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,11 +30,26 @@ pub struct SessionInfo {
     pub identity: Identity,
     pub remote: SocketAddr,
     pub connected_at: SystemTime,
+    /// Tags and businesses from the token; broadcasts carrying any of them reach this session.
+    pub tags: Vec<String>,
+    pub businesses: Vec<String>,
+}
+
+impl SessionInfo {
+    /// True when a broadcast envelope carries any of this session's tags or businesses.
+    pub fn wants(&self, envelope: &Envelope) -> bool {
+        envelope.tags.iter().any(|tag| self.tags.contains(tag))
+            || envelope
+                .businesses
+                .iter()
+                .any(|business| self.businesses.contains(business))
+    }
 }
 
 struct Entry {
     info: SessionInfo,
     commands: mpsc::Sender<SessionCommand>,
+    broadcasts: mpsc::Sender<Arc<Envelope>>,
 }
 
 /// Capacity of a session's command queue. Commands only close sessions, so a few suffice.
@@ -45,21 +62,49 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Registers a session and closes the older session of the same identity, if any.
-    pub fn register(&self, info: SessionInfo) -> mpsc::Receiver<SessionCommand> {
-        let (sender, receiver) = mpsc::channel(COMMAND_BUFFER);
+    /// Registers a session and closes the older session of the same identity, if any. Returns the session's
+    /// command queue and its broadcast queue of `broadcast_buffer` entries.
+    pub fn register(
+        &self,
+        info: SessionInfo,
+        broadcast_buffer: usize,
+    ) -> (
+        mpsc::Receiver<SessionCommand>,
+        mpsc::Receiver<Arc<Envelope>>,
+    ) {
+        let (commands, command_receiver) = mpsc::channel(COMMAND_BUFFER);
+        let (broadcasts, broadcast_receiver) = mpsc::channel(broadcast_buffer.max(1));
         let identity = info.identity.clone();
         let previous = self.lock().insert(
             identity,
             Entry {
                 info,
-                commands: sender,
+                commands,
+                broadcasts,
             },
         );
         if let Some(previous) = previous {
             send_replaced(&previous.commands);
         }
-        receiver
+        (command_receiver, broadcast_receiver)
+    }
+
+    /// Queues a broadcast for every session that wants it. Returns how many sessions got it and the
+    /// identities whose queue was full (they miss it: broadcasts are at-most-once).
+    pub fn fan_out(&self, envelope: &Arc<Envelope>) -> (usize, Vec<Identity>) {
+        let sessions = self.lock();
+        let mut reached = 0;
+        let mut skipped = Vec::new();
+        for entry in sessions.values().filter(|entry| entry.info.wants(envelope)) {
+            match entry.broadcasts.try_send(envelope.clone()) {
+                Ok(()) => reached += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    skipped.push(entry.info.identity.clone())
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        (reached, skipped)
     }
 
     /// Removes the session unless a newer session of the same identity already took its place.
@@ -129,14 +174,16 @@ mod tests {
             identity: Identity::new("u1", "h5").expect("valid"),
             remote: SocketAddr::from(([127, 0, 0, 1], 1)),
             connected_at: SystemTime::now(),
+            tags: vec!["vip".to_owned()],
+            businesses: Vec::new(),
         }
     }
 
     #[test]
     fn register_replaces_older_session() {
         let registry = Registry::default();
-        let mut first = registry.register(info("a"));
-        let _second = registry.register(info("b"));
+        let (mut first, _) = registry.register(info("a"), 4);
+        let _second = registry.register(info("b"), 4);
         let command = first.try_recv().expect("replaced command");
         assert!(matches!(
             command,
@@ -151,7 +198,7 @@ mod tests {
     #[test]
     fn late_announcement_of_older_session_is_ignored() {
         let registry = Registry::default();
-        let mut current = registry.register(info("b"));
+        let (mut current, _) = registry.register(info("b"), 4);
         assert!(!registry.replace_if_older(&info("a").identity, "a"));
         assert!(current.try_recv().is_err());
         assert!(registry.replace_if_older(&info("a").identity, "c"));
@@ -161,8 +208,8 @@ mod tests {
     #[test]
     fn unregister_keeps_newer_session() {
         let registry = Registry::default();
-        let _first = registry.register(info("a"));
-        let _second = registry.register(info("b"));
+        let _first = registry.register(info("a"), 4);
+        let _second = registry.register(info("b"), 4);
         registry.unregister(&info("a").identity, "a");
         assert_eq!(registry.len(), 1);
         registry.unregister(&info("b").identity, "b");

@@ -13,21 +13,28 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures_util::SinkExt;
-use futures_util::stream::{SplitSink, StreamExt};
+use futures_util::stream::{BoxStream, SplitSink, SplitStream, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::Gateway;
 use super::registry::{SessionCommand, SessionInfo};
-use crate::broker::{ControlMessage, Delivery, DeliveryAcker, Subscription};
+use crate::broker::{
+    BroadcastKey, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication, Receipt,
+    Subscription,
+};
+use crate::domain::envelope::unix_millis;
 use crate::domain::frame::{ErrorCode, PROTOCOL_V1, close_code};
-use crate::domain::{ClientFrame, Envelope, Identity, ServerFrame, TokenClaims};
+use crate::domain::{
+    ClientFrame, Destination, Envelope, Identity, SendType, ServerFrame, TokenClaims,
+};
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 type Sink = SplitSink<Socket, Message>;
@@ -36,12 +43,19 @@ type Sink = SplitSink<Socket, Message>;
 struct Pending {
     message_id: String,
     acker: Box<dyn DeliveryAcker>,
+    /// Where the publisher wants the delivery receipt, if it asked for one.
+    reply_to: Option<String>,
 }
+
+/// How many recent broadcast messageIds a session remembers, so the client's acks of them are accepted.
+const RECENT_BROADCASTS: usize = 256;
 
 /// Why the session loop ended.
 enum End {
     /// Close the WebSocket with this code and reason.
     Close(u16, String),
+    /// The client sent a close frame; the reply goes out when the sink is flushed.
+    ClientClosed,
     /// The connection is gone or unusable; no close frame can be sent.
     Gone(String),
 }
@@ -50,12 +64,34 @@ enum End {
 pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, remote: SocketAddr) {
     let identity = claims.identity();
     let session_id = uuid::Uuid::now_v7().to_string();
-    let mut commands = gateway.registry.register(SessionInfo {
+    let info = SessionInfo {
         session_id: session_id.clone(),
         identity: identity.clone(),
         remote,
         connected_at: SystemTime::now(),
-    });
+        tags: claims.tags.clone(),
+        businesses: claims.businesses.clone(),
+    };
+    let broadcast_keys: Vec<BroadcastKey> = claims
+        .tags
+        .iter()
+        .cloned()
+        .map(BroadcastKey::Tag)
+        .chain(
+            claims
+                .businesses
+                .iter()
+                .cloned()
+                .map(BroadcastKey::Business),
+        )
+        .collect();
+    let (mut commands, broadcasts) = gateway
+        .registry
+        .register(info, gateway.config.session.broadcast_buffer);
+    gateway
+        .broadcast_bindings
+        .acquire(&gateway, &broadcast_keys)
+        .await;
     info!(%identity, session_id = %session_id, %remote, "session opened");
 
     let (mut sink, stream) = socket.split();
@@ -88,18 +124,26 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
                 protocol: PROTOCOL_V1.to_owned(),
                 pending_ack_window: window,
             };
+            let (outcomes, outcome_receiver) =
+                mpsc::channel(gateway.config.session.max_sends_in_flight.max(1));
             let mut session = Session {
                 gateway: gateway.clone(),
                 identity: identity.clone(),
                 pending: VecDeque::with_capacity(usize::from(window)),
+                recent_broadcasts: VecDeque::with_capacity(RECENT_BROADCASTS),
                 invalid_frames: 0,
+                sends_in_flight: 0,
+                outcomes,
+            };
+            let inputs = Inputs {
+                stream,
+                deliveries,
+                commands: &mut commands,
+                broadcasts,
+                outcomes: outcome_receiver,
             };
             let end = match session.send(&mut sink, &welcome).await {
-                Ok(()) => {
-                    session
-                        .pump(&mut sink, stream, deliveries, &mut commands)
-                        .await
-                }
+                Ok(()) => session.pump(&mut sink, inputs).await,
                 Err(end) => end,
             };
             let unacked = session.pending.len();
@@ -125,26 +169,51 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
             close(&mut sink, *code, reason, &gateway).await;
             info!(%identity, session_id = %session_id, code, %reason, "session closed");
         }
+        End::ClientClosed => {
+            // tungstenite queued the close reply when it read the client's close frame; flushing sends it.
+            let timeout = gateway.config.session.write_timeout;
+            let _ = tokio::time::timeout(timeout, sink.close()).await;
+            info!(%identity, session_id = %session_id, "session closed by the client");
+        }
         End::Gone(reason) => info!(%identity, session_id = %session_id, %reason, "session ended"),
     }
     gateway.registry.unregister(&identity, &session_id);
+    gateway
+        .broadcast_bindings
+        .release(&gateway, &broadcast_keys)
+        .await;
+}
+
+/// Everything a session waits on besides the clock.
+struct Inputs<'a> {
+    stream: SplitStream<Socket>,
+    deliveries: BoxStream<'static, Delivery>,
+    commands: &'a mut mpsc::Receiver<SessionCommand>,
+    broadcasts: mpsc::Receiver<Arc<Envelope>>,
+    /// Results of the client's sends, as the frames to answer with.
+    outcomes: mpsc::Receiver<ServerFrame>,
 }
 
 struct Session {
     gateway: Arc<Gateway>,
     identity: Identity,
     pending: VecDeque<Pending>,
+    /// messageIds of recent broadcasts, whose acks need no broker ack.
+    recent_broadcasts: VecDeque<String>,
     invalid_frames: u32,
+    sends_in_flight: usize,
+    outcomes: mpsc::Sender<ServerFrame>,
 }
 
 impl Session {
-    async fn pump(
-        &mut self,
-        sink: &mut Sink,
-        mut stream: futures_util::stream::SplitStream<Socket>,
-        mut deliveries: futures_util::stream::BoxStream<'static, Delivery>,
-        commands: &mut tokio::sync::mpsc::Receiver<SessionCommand>,
-    ) -> End {
+    async fn pump(&mut self, sink: &mut Sink, inputs: Inputs<'_>) -> End {
+        let Inputs {
+            mut stream,
+            mut deliveries,
+            commands,
+            mut broadcasts,
+            mut outcomes,
+        } = inputs;
         let config = self.gateway.config.session.clone();
         let shutdown = self.gateway.shutdown.clone();
         let mut next_ping = Instant::now() + config.ping_interval;
@@ -159,6 +228,17 @@ impl Session {
                     Some(SessionCommand::Close { code, reason }) => return End::Close(code, reason),
                     None => return End::Gone("session registry dropped".to_owned()),
                 },
+                Some(envelope) = broadcasts.recv() => {
+                    if let Err(end) = self.push_broadcast(sink, &envelope).await {
+                        return end;
+                    }
+                }
+                Some(frame) = outcomes.recv() => {
+                    self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
+                    if let Err(end) = self.send(sink, &frame).await {
+                        return end;
+                    }
+                }
                 delivery = deliveries.next() => match delivery {
                     Some(delivery) => {
                         if let Err(end) = self.push(sink, delivery).await {
@@ -187,8 +267,14 @@ impl Session {
                                 return end;
                             }
                         }
-                        Some(Ok(Message::Close(_))) => return End::Gone("client closed the connection".to_owned()),
+                        Some(Ok(Message::Close(_))) => return End::ClientClosed,
                         Some(Ok(_)) => {}
+                        Some(Err(WsError::Capacity(error))) => {
+                            return End::Close(
+                                close_code::MESSAGE_TOO_BIG,
+                                format!("{error}; the limit is session.max_message_size"),
+                            );
+                        }
                         Some(Err(error)) => return End::Gone(format!("read failed: {error}")),
                         None => return End::Gone("connection closed without a close frame".to_owned()),
                     }
@@ -237,8 +323,23 @@ impl Session {
         self.pending.push_back(Pending {
             message_id: message_id.clone(),
             acker: delivery.acker,
+            reply_to: delivery.reply_to,
         });
         debug!(identity = %self.identity, %message_id, redelivered = delivery.redelivered, "pushing message");
+        self.send(sink, &frame).await
+    }
+
+    /// Pushes a broadcast. It is not in any mailbox, so the client's ack only needs to be recognised.
+    async fn push_broadcast(&mut self, sink: &mut Sink, envelope: &Envelope) -> Result<(), End> {
+        if self.recent_broadcasts.len() == RECENT_BROADCASTS {
+            self.recent_broadcasts.pop_front();
+        }
+        self.recent_broadcasts.push_back(envelope.id().to_owned());
+        let frame = ServerFrame::Message {
+            redelivered: false,
+            replay_count: 0,
+            message: envelope.clone(),
+        };
         self.send(sink, &frame).await
     }
 
@@ -259,15 +360,7 @@ impl Session {
             ClientFrame::Reject { message_id, reason } => {
                 self.reject(sink, message_id, reason).await
             }
-            ClientFrame::Send { message } => {
-                let error = ServerFrame::Error {
-                    code: ErrorCode::Unsupported,
-                    reason: "sending from a client is not supported by this gateway version"
-                        .to_owned(),
-                    message_id: message.message_id,
-                };
-                self.send(sink, &error).await
-            }
+            ClientFrame::Send { message } => self.client_send(sink, *message).await,
         }
     }
 
@@ -281,6 +374,9 @@ impl Session {
 
     async fn ack(&mut self, sink: &mut Sink, message_id: String) -> Result<(), End> {
         let Some(pending) = self.take_pending(&message_id) else {
+            if self.recent_broadcasts.contains(&message_id) {
+                return Ok(());
+            }
             let error = self.invalid(
                 ErrorCode::UnknownMessageId,
                 "no message with this messageId is waiting for an ack on this session".to_owned(),
@@ -291,7 +387,116 @@ impl Session {
         // The client has the message: only now does it leave RabbitMQ.
         if let Err(error) = pending.acker.ack().await {
             warn!(identity = %self.identity, message_id = %message_id, %error, "ack failed; the message will be redelivered");
+            return Ok(());
         }
+        if let Some(reply_to) = pending.reply_to {
+            let receipt = Receipt {
+                message_id,
+                unique_id: self.identity.unique_id.clone(),
+                client_type: self.identity.client_type.clone(),
+                node: self.gateway.node.clone(),
+                acked_at: unix_millis(SystemTime::now()),
+            };
+            let gateway = self.gateway.clone();
+            self.gateway
+                .tasks
+                .spawn(async move { gateway.broker.send_receipt(reply_to, receipt).await });
+        }
+        Ok(())
+    }
+
+    /// Publishes a message the client sent, stamped with the sender's identity from its token. The client gets
+    /// an ack frame after the broker confirmed, or an error frame with the reason; a resend of a confirmed
+    /// messageId is acked again without publishing.
+    async fn client_send(&mut self, sink: &mut Sink, mut envelope: Envelope) -> Result<(), End> {
+        // Identity and order key come from the gateway, whatever the frame claimed.
+        envelope.from_unique_id = Some(self.identity.unique_id.clone());
+        envelope.from_client_type = Some(self.identity.client_type.clone());
+        envelope.timestamp = None;
+        let claimed_id = envelope.message_id.clone();
+        if let Err(error) = envelope.validate() {
+            let frame = self.invalid(ErrorCode::InvalidEnvelope, error.to_string(), claimed_id);
+            return self.reply_invalid(sink, frame).await;
+        }
+        if envelope.send_type == SendType::ServerToClient {
+            let frame = self.invalid(
+                ErrorCode::Forbidden,
+                "clients may send CLIENT_TO_SERVER or CLIENT_TO_CLIENT messages only".to_owned(),
+                claimed_id,
+            );
+            return self.reply_invalid(sink, frame).await;
+        }
+        envelope.stamp_first_publish();
+        let message_id = envelope.id().to_owned();
+        if self.gateway.dedupe.contains(&self.identity, &message_id) {
+            debug!(identity = %self.identity, %message_id, "resend of a confirmed message; acking without publishing");
+            return self.send(sink, &ServerFrame::Ack { message_id }).await;
+        }
+        let publication = match Publication::new(envelope) {
+            Ok(publication) => publication,
+            Err(error) => {
+                let frame = self.invalid(
+                    ErrorCode::InvalidEnvelope,
+                    error.to_string(),
+                    Some(message_id),
+                );
+                return self.reply_invalid(sink, frame).await;
+            }
+        };
+        if publication.envelope.send_type == SendType::ClientToClient {
+            let to = match &publication.destination {
+                Destination::Identity(identity) => Some(identity.client_type.as_str()),
+                _ => None,
+            };
+            if !self
+                .gateway
+                .config
+                .policy
+                .allows(&self.identity.client_type, to)
+            {
+                let reason = format!(
+                    "clientType {} may not message {}; an operator can allow it in [policy] client_to_client",
+                    self.identity.client_type,
+                    to.unwrap_or("every client type of a uniqueId")
+                );
+                let frame = ServerFrame::Error {
+                    code: ErrorCode::Forbidden,
+                    reason,
+                    message_id: Some(message_id),
+                };
+                return self.send(sink, &frame).await;
+            }
+        }
+        if self.sends_in_flight >= self.gateway.config.session.max_sends_in_flight {
+            let frame = ServerFrame::Error {
+                code: ErrorCode::Unavailable,
+                reason: "too many messages are waiting for a broker confirm; resend after the pending acks".to_owned(),
+                message_id: Some(message_id),
+            };
+            return self.send(sink, &frame).await;
+        }
+
+        self.sends_in_flight += 1;
+        let gateway = self.gateway.clone();
+        let sender = self.identity.clone();
+        let outcomes = self.outcomes.clone();
+        self.gateway.tasks.spawn(async move {
+            let frame = match gateway.broker.publish(publication).await {
+                Ok(_) => {
+                    gateway.dedupe.insert(&sender, &message_id);
+                    ServerFrame::Ack { message_id }
+                }
+                Err(error) => {
+                    info!(identity = %sender, %message_id, %error, "a client's message was not accepted");
+                    ServerFrame::Error {
+                        code: error_code(&error),
+                        reason: error.to_string(),
+                        message_id: Some(message_id),
+                    }
+                }
+            };
+            let _ = outcomes.send(frame).await;
+        });
         Ok(())
     }
 
@@ -335,7 +540,7 @@ impl Session {
 
     async fn reply_invalid(&mut self, sink: &mut Sink, error: ServerFrame) -> Result<(), End> {
         self.send(sink, &error).await?;
-        if self.invalid_frames > self.gateway.config.session.max_invalid_frames {
+        if self.invalid_frames >= self.gateway.config.session.max_invalid_frames {
             return Err(End::Close(
                 close_code::POLICY_VIOLATION,
                 "too many invalid frames".to_owned(),
@@ -359,6 +564,15 @@ impl Session {
                 humantime::format_duration(timeout)
             ))),
         }
+    }
+}
+
+/// The error code a client sees for a broker error.
+fn error_code(error: &BrokerError) -> ErrorCode {
+    match error {
+        BrokerError::Unroutable { .. } => ErrorCode::Unroutable,
+        BrokerError::Refused { .. } | BrokerError::MemoryFull { .. } => ErrorCode::Refused,
+        _ => ErrorCode::Unavailable,
     }
 }
 

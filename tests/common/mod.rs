@@ -16,7 +16,7 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOpti
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use wsgw::broker::rabbit::Publisher;
-use wsgw::broker::{Publication, Route};
+use wsgw::broker::Publication;
 use wsgw::config::{AmqpConfig, MailboxConfig};
 use wsgw::domain::{Envelope, Identity, SendType, TokenSigner};
 
@@ -406,10 +406,7 @@ pub async fn publish_to(
     content: serde_json::Value,
 ) -> String {
     let envelope = envelope_to(identity, content);
-    let publication = Publication {
-        envelope,
-        route: Route::Mailbox(identity.clone()),
-    };
+    let publication = Publication::new(envelope).expect("routable envelope");
     publisher
         .publish(&publication)
         .await

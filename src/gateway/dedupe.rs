@@ -1,0 +1,69 @@
+//! The window of confirmed client messageIds, so a client's resend of a confirmed message is not published
+//! twice. It is per node and bounded: the oldest entries leave first, so a resend arriving after
+//! `session.dedupe_window` newer confirms (or on another node) is published again.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
+
+use crate::domain::Identity;
+
+type Key = (Identity, String);
+
+/// Recently confirmed (sender, messageId) pairs.
+pub struct DedupeWindow {
+    capacity: usize,
+    entries: Mutex<(HashSet<Key>, VecDeque<Key>)>,
+}
+
+impl DedupeWindow {
+    pub fn new(capacity: usize) -> Self {
+        DedupeWindow {
+            capacity,
+            entries: Mutex::new((HashSet::new(), VecDeque::new())),
+        }
+    }
+
+    /// True when this sender's messageId was confirmed recently.
+    pub fn contains(&self, sender: &Identity, message_id: &str) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.0.contains(&(sender.clone(), message_id.to_owned()))
+    }
+
+    /// Records a confirmed messageId, evicting the oldest entry when full.
+    pub fn insert(&self, sender: &Identity, message_id: &str) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (sender.clone(), message_id.to_owned());
+        if !entries.0.insert(key.clone()) {
+            return;
+        }
+        entries.1.push_back(key);
+        while entries.1.len() > self.capacity {
+            if let Some(oldest) = entries.1.pop_front() {
+                entries.0.remove(&oldest);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_evicts_oldest() {
+        let sender = Identity::new("u", "h5").expect("valid");
+        let window = DedupeWindow::new(2);
+        window.insert(&sender, "a");
+        window.insert(&sender, "b");
+        assert!(window.contains(&sender, "a"));
+        window.insert(&sender, "c");
+        assert!(!window.contains(&sender, "a"));
+        assert!(window.contains(&sender, "b"));
+        assert!(window.contains(&sender, "c"));
+        let other = Identity::new("v", "h5").expect("valid");
+        assert!(!window.contains(&other, "b"), "the window is per sender");
+    }
+}
