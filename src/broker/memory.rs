@@ -245,27 +245,28 @@ impl MemoryBroker {
                             .values()
                             .filter(|(owner, _)| *owner == consumer)
                             .count();
-                        if active && in_flight < usize::from(prefetch) {
-                            if let Some((sequence, mut message)) = queue.ready.pop_first() {
-                                let redelivered = message.delivered;
-                                message.delivered = true;
-                                queue.unacked.insert(sequence, (consumer, message.clone()));
-                                let delivery = Delivery {
-                                    body: message.body.to_vec(),
-                                    message_id: Some(message.message_id.clone()),
-                                    redelivered,
-                                    replay_count: 0,
-                                    reply_to: message.reply_to.clone(),
-                                    acker: Box::new(MemoryAcker {
-                                        state: shared.clone(),
-                                        queue: name.clone(),
-                                        sequence,
-                                        consumer,
-                                        dead_letter_limit,
-                                    }),
-                                };
-                                return Some((delivery, ()));
-                            }
+                        if active
+                            && in_flight < usize::from(prefetch)
+                            && let Some((sequence, mut message)) = queue.ready.pop_first()
+                        {
+                            let redelivered = message.delivered;
+                            message.delivered = true;
+                            queue.unacked.insert(sequence, (consumer, message.clone()));
+                            let delivery = Delivery {
+                                body: message.body.to_vec(),
+                                message_id: Some(message.message_id.clone()),
+                                redelivered,
+                                replay_count: 0,
+                                reply_to: message.reply_to.clone(),
+                                acker: Box::new(MemoryAcker {
+                                    state: shared.clone(),
+                                    queue: name.clone(),
+                                    sequence,
+                                    consumer,
+                                    dead_letter_limit,
+                                }),
+                            };
+                            return Some((delivery, ()));
                         }
                         queue.notify.clone()
                     };
@@ -328,14 +329,14 @@ fn push_dead_letter(
     reason: &'static str,
     body: Arc<Vec<u8>>,
 ) {
-    if state.dead_letters.len() >= limit {
-        if let Some(dropped) = state.dead_letters.pop_front() {
-            error!(
-                message_id = %dropped.message_id,
-                limit,
-                "the in-process dead-letter queue is full; dropping its oldest message"
-            );
-        }
+    if state.dead_letters.len() >= limit
+        && let Some(dropped) = state.dead_letters.pop_front()
+    {
+        error!(
+            message_id = %dropped.message_id,
+            limit,
+            "the in-process dead-letter queue is full; dropping its oldest message"
+        );
     }
     warn!(%message_id, reason, "message dead-lettered");
     state.dead_letters.push_back(DeadLetter {

@@ -497,10 +497,10 @@ impl Publisher {
     /// The channel that publishes with a reply-to address and consumes the receipts, opened on first use.
     async fn receipt_channel(&self) -> Result<ReceiptChannel, BrokerError> {
         let mut guard = self.receipts.lock().await;
-        if let Some(open) = guard.as_ref() {
-            if open.channel.status().connected() {
-                return Ok(open.clone());
-            }
+        if let Some(open) = guard.as_ref()
+            && open.channel.status().connected()
+        {
+            return Ok(open.clone());
         }
         let connection = {
             let channels = self.channels.lock().await;

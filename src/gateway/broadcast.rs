@@ -26,10 +26,10 @@ impl Bindings {
         for key in keys {
             let count = counts.entry(key.clone()).or_insert(0);
             *count += 1;
-            if *count == 1 {
-                if let Err(error) = gateway.broker.bind_broadcast(key.clone()).await {
-                    warn!(?key, %error, "binding the broadcast queue failed; broadcasts with this key will miss this node");
-                }
+            if *count == 1
+                && let Err(error) = gateway.broker.bind_broadcast(key.clone()).await
+            {
+                warn!(?key, %error, "binding the broadcast queue failed; broadcasts with this key will miss this node");
             }
         }
     }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use wsgw::broker::rabbit::Publisher;
 use wsgw::broker::Publication;
+use wsgw::broker::rabbit::Publisher;
 use wsgw::config::{AmqpConfig, MailboxConfig};
 use wsgw::domain::{Envelope, Identity, SendType, TokenSigner};
 
@@ -59,7 +59,7 @@ pub fn rabbitmq_available() -> bool {
 #[macro_export]
 macro_rules! require_rabbitmq {
     () => {
-        if !common::rabbitmq_available() {
+        if !$crate::common::rabbitmq_available() {
             return;
         }
     };
@@ -84,6 +84,7 @@ pub struct TestEnv {
     pub state_dir: tempfile::TempDir,
     pub extra_env: Vec<(String, String)>,
     identities: Mutex<Vec<Identity>>,
+    queues: Mutex<Vec<String>>,
 }
 
 impl TestEnv {
@@ -94,6 +95,7 @@ impl TestEnv {
             state_dir: tempfile::tempdir().expect("tempdir"),
             extra_env: Vec::new(),
             identities: Mutex::new(Vec::new()),
+            queues: Mutex::new(Vec::new()),
         }
     }
 
@@ -110,6 +112,18 @@ impl TestEnv {
             Identity::new(&format!("u-{}", &suffix[..12]), client_type).expect("valid identity");
         self.identities.lock().expect("lock").push(identity.clone());
         identity
+    }
+
+    /// Records an identity made elsewhere, so its mailbox is deleted with the test's other queues.
+    pub fn record(&self, identity: &Identity) {
+        self.identities.lock().expect("lock").push(identity.clone());
+    }
+
+    /// A business queue name under this test's prefix, recorded for cleanup.
+    pub fn business_queue(&self, name: &str) -> String {
+        let queue = format!("{}.business.{name}", self.prefix);
+        self.queues.lock().expect("lock").push(queue.clone());
+        queue
     }
 
     pub fn mailbox(&self, identity: &Identity) -> String {
@@ -243,7 +257,16 @@ impl Drop for TestEnv {
             })
             .unwrap_or_default();
         queues.push(format!("{prefix}.dlq"));
-        let exchanges = vec![format!("{prefix}.dlx"), format!("{prefix}.control")];
+        queues.extend(
+            self.queues
+                .lock()
+                .map(|queues| queues.clone())
+                .unwrap_or_default(),
+        );
+        let exchanges: Vec<String> = ["dlx", "control", "direct", "inbound", "broadcast"]
+            .iter()
+            .map(|name| format!("{prefix}.{name}"))
+            .collect();
         // A thread with its own runtime, because drop may run inside a test's runtime.
         let cleanup = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -296,7 +319,7 @@ pub struct Server {
 }
 
 impl Server {
-    fn spawn(mut command: Command) -> Server {
+    pub fn spawn(mut command: Command) -> Server {
         let mut child = command.spawn().expect("spawn wsgw serve");
         let stderr = child.stderr.take().expect("piped stderr");
         let logs = Arc::new(Mutex::new(Vec::new()));
@@ -416,4 +439,203 @@ pub async fn publish_to(
 
 pub fn binary_path() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_wsgw"))
+}
+
+/// Which broker adapter a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Rabbit,
+    Memory,
+}
+
+/// Runs a test body once per broker: `both_brokers!(name1, name2)` makes `rabbit::name1` and `memory::name1`
+/// call `name1(BrokerKind::..)`.
+#[macro_export]
+macro_rules! both_brokers {
+    ($($name:ident),* $(,)?) => {
+        mod rabbit {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if !$crate::common::rabbitmq_available() {
+                        return;
+                    }
+                    super::$name($crate::common::BrokerKind::Rabbit).await;
+                }
+            )*
+        }
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::common::BrokerKind::Memory).await;
+                }
+            )*
+        }
+    };
+}
+
+impl TestEnv {
+    /// The test's config: its prefix, the test secret and API key, short mailbox timers.
+    pub fn config(&self, kind: BrokerKind) -> wsgw::config::Config {
+        let mut config = wsgw::config::Config::default();
+        config.amqp.prefix = self.prefix.clone();
+        config.amqp.url = (kind == BrokerKind::Rabbit).then(amqp_url);
+        config.mailbox = self.mailbox_config();
+        config.auth.token_secret = Some(SECRET.to_owned());
+        config.auth.api_keys = vec![API_KEY.to_owned()];
+        config
+    }
+
+    /// A broker of the given kind on this test's topology.
+    pub async fn broker(
+        &self,
+        kind: BrokerKind,
+        config: &wsgw::config::Config,
+    ) -> Arc<dyn wsgw::broker::Broker> {
+        match kind {
+            BrokerKind::Rabbit => {
+                let node = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+                let broker = wsgw::broker::rabbit::RabbitBroker::connect(
+                    &amqp_url(),
+                    &config.amqp,
+                    &config.mailbox,
+                    &node,
+                )
+                .await
+                .expect("connect to RabbitMQ");
+                Arc::new(broker)
+            }
+            BrokerKind::Memory => Arc::new(wsgw::broker::memory::MemoryBroker::new(
+                &config.memory,
+                &config.mailbox,
+            )),
+        }
+    }
+
+    /// Runs a gateway in this process on a free loopback port.
+    pub async fn gateway(
+        &self,
+        kind: BrokerKind,
+        configure: impl FnOnce(&mut wsgw::config::Config),
+    ) -> InProcess {
+        let mut config = self.config(kind);
+        configure(&mut config);
+        let broker = self.broker(kind, &config).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let signer = TokenSigner::new(SECRET.as_bytes()).expect("secret");
+        let node = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let gateway = wsgw::gateway::Gateway::new(
+            config,
+            node,
+            format!("ws://{address}"),
+            broker.clone(),
+            signer.clone(),
+            vec![API_KEY.to_owned()],
+        );
+        let serving = gateway.clone();
+        tokio::spawn(async move { serving.serve(listener, Duration::from_secs(5)).await });
+        InProcess {
+            gateway,
+            broker,
+            address,
+            signer,
+        }
+    }
+}
+
+/// A gateway running in the test's process; shut down on drop.
+pub struct InProcess {
+    pub gateway: Arc<wsgw::gateway::Gateway>,
+    pub broker: Arc<dyn wsgw::broker::Broker>,
+    pub address: SocketAddr,
+    pub signer: TokenSigner,
+}
+
+impl InProcess {
+    /// A connection URL for `identity` with the given tags and businesses.
+    pub fn url(&self, identity: &Identity, tags: &[&str], businesses: &[&str]) -> String {
+        let tags: Vec<String> = tags.iter().map(|tag| tag.to_string()).collect();
+        let businesses: Vec<String> = businesses.iter().map(|b| b.to_string()).collect();
+        let token = self.signer.mint(
+            identity,
+            &tags,
+            &businesses,
+            Duration::from_secs(60),
+            SystemTime::now(),
+        );
+        format!("ws://{}/socket/{token}", self.address)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Connects a client and waits until the gateway registered its session.
+    pub async fn connect(
+        &self,
+        identity: &Identity,
+        tags: &[&str],
+        businesses: &[&str],
+    ) -> wsgw::client::Client {
+        wsgw::client::Client::connect(&self.url(identity, tags, businesses))
+            .await
+            .expect("client connects")
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.gateway.shutdown.cancel();
+    }
+}
+
+/// The next event within 20 s.
+pub async fn next_event(client: &mut wsgw::client::Client) -> wsgw::client::Event {
+    tokio::time::timeout(Duration::from_secs(20), client.next_event())
+        .await
+        .expect("an event within 20 s")
+        .expect("the connection works")
+}
+
+/// The next business message within 20 s; panics on any other event.
+pub async fn next_message(client: &mut wsgw::client::Client) -> wsgw::client::IncomingMessage {
+    match next_event(client).await {
+        wsgw::client::Event::Message(message) => *message,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// The next delivery of a broker stream within 20 s.
+pub async fn next_delivery(
+    stream: &mut futures_util::stream::BoxStream<'static, wsgw::broker::Delivery>,
+) -> wsgw::broker::Delivery {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .expect("a delivery within 20 s")
+        .expect("the stream is open")
+}
+
+/// Parses a delivery's body as an envelope.
+pub fn envelope_of(delivery: &wsgw::broker::Delivery) -> Envelope {
+    Envelope::from_json(std::str::from_utf8(&delivery.body).expect("utf-8")).expect("an envelope")
+}
+
+/// Publishes a direct message through a gateway's broker and returns its messageId.
+pub async fn publish_direct(
+    gateway: &InProcess,
+    identity: &Identity,
+    content: serde_json::Value,
+) -> String {
+    let publication = Publication::new(envelope_to(identity, content)).expect("routable");
+    gateway
+        .broker
+        .publish(publication)
+        .await
+        .expect("published")
+        .message_id
 }
