@@ -29,6 +29,8 @@ pub const KEYS: &[&str] = &[
     "amqp.prefix",
     "amqp.connect_timeout",
     "amqp.publish_timeout",
+    "amqp.reconnect_min_backoff",
+    "amqp.reconnect_max_backoff",
     "mailbox.message_ttl",
     "mailbox.expires",
     "mailbox.max_length",
@@ -42,6 +44,7 @@ pub const KEYS: &[&str] = &[
     "session.write_buffer_size",
     "session.max_write_buffer_size",
     "session.max_invalid_frames",
+    "session.max_rejects",
     "session.max_sends_in_flight",
     "session.dedupe_window",
     "session.broadcast_buffer",
@@ -146,9 +149,15 @@ pub struct AmqpConfig {
     /// Deadline for opening a connection, including the AMQP handshake.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Deadline for one publish, from write to broker confirm.
+    /// Deadline for one publish, from write to broker confirm, including republishing after a lost connection.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+    /// First delay before reconnecting to RabbitMQ; it doubles after each failure.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min_backoff: Duration,
+    /// Longest delay between reconnect attempts.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max_backoff: Duration,
 }
 
 /// Arguments of the mailbox queues. Changing them for existing mailboxes needs a migration, because RabbitMQ
@@ -195,6 +204,8 @@ pub struct SessionConfig {
     pub max_write_buffer_size: usize,
     /// Invalid frames tolerated per session before it is closed with a policy violation.
     pub max_invalid_frames: u32,
+    /// Times a client may reject one message; the next rejection dead-letters it with reason `rejected`.
+    pub max_rejects: u32,
     /// Messages a client may have sent and not yet had confirmed; further sends get an error frame.
     pub max_sends_in_flight: usize,
     /// Confirmed client messageIds remembered per node to drop a client's resend of the same message.
@@ -248,6 +259,8 @@ impl Default for AmqpConfig {
             prefix: "wsgw".to_owned(),
             connect_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(5),
+            reconnect_min_backoff: Duration::from_millis(200),
+            reconnect_max_backoff: Duration::from_secs(30),
         }
     }
 }
@@ -259,6 +272,8 @@ impl std::fmt::Debug for AmqpConfig {
             .field("prefix", &self.prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("publish_timeout", &self.publish_timeout)
+            .field("reconnect_min_backoff", &self.reconnect_min_backoff)
+            .field("reconnect_max_backoff", &self.reconnect_max_backoff)
             .finish()
     }
 }
@@ -286,6 +301,7 @@ impl Default for SessionConfig {
             write_buffer_size: 8 * 1024,
             max_write_buffer_size: 256 * 1024,
             max_invalid_frames: 10,
+            max_rejects: 3,
             max_sends_in_flight: 16,
             dedupe_window: 100_000,
             broadcast_buffer: 64,
@@ -370,6 +386,15 @@ impl Config {
                 "mailbox.declare_interval",
                 humantime::format_duration(self.mailbox.declare_interval).to_string(),
                 "must be at most a quarter of mailbox.expires",
+            );
+        }
+        if self.amqp.reconnect_min_backoff.is_zero()
+            || self.amqp.reconnect_min_backoff > self.amqp.reconnect_max_backoff
+        {
+            return invalid(
+                "amqp.reconnect_min_backoff",
+                humantime::format_duration(self.amqp.reconnect_min_backoff).to_string(),
+                "must be above zero and at most amqp.reconnect_max_backoff",
             );
         }
         if self.session.pending_ack_window == 0 {
@@ -539,7 +564,11 @@ mod tests {
                 "auth.max_token_ttl" => "2h",
                 "mailbox.expires" => "30d",
                 "auth.api_keys" => "[\"k\"]",
-                k if k.ends_with("ttl") || k.ends_with("interval") || k.ends_with("timeout") => {
+                k if k.ends_with("ttl")
+                    || k.ends_with("interval")
+                    || k.ends_with("timeout")
+                    || k.ends_with("backoff") =>
+                {
                     "1s"
                 }
                 k if k.ends_with("size")

@@ -197,6 +197,43 @@ pub struct Subscription {
     pub release: BoxFuture<'static, ()>,
 }
 
+/// Exponential backoff with jitter for reconnects and resubscribes.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+    /// Failed attempts since the last success.
+    pub failures: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            next: min,
+            failures: 0,
+        }
+    }
+
+    /// The delay before the next attempt after a failure: the current step, with up to half of it as random
+    /// jitter so that many sessions do not retry in lockstep. Doubles the step, up to the maximum.
+    pub fn fail(&mut self) -> Duration {
+        self.failures += 1;
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter: f64 = rand::random::<f64>() * 0.5;
+        step.mul_f64(1.0 - jitter / 2.0).max(self.min.min(step))
+    }
+
+    /// Resets after a success.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+        self.failures = 0;
+    }
+}
+
 /// Messages between gateway nodes, over the broker's control channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]

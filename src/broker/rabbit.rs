@@ -38,8 +38,8 @@ use tokio::sync::{Mutex, broadcast, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{
-    BroadcastKey, Broker, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication,
-    Published, Receipt, Subscription, header,
+    Backoff, BroadcastKey, Broker, BrokerError, ControlMessage, Delivery, DeliveryAcker,
+    Publication, Published, Receipt, Subscription, header,
 };
 use crate::config::{AmqpConfig, MailboxConfig, redact_url};
 use crate::domain::{Destination, Envelope, Identity};
@@ -278,11 +278,35 @@ impl Publisher {
     }
 
     /// Publishes one message with a confirm within `amqp.publish_timeout`.
+    ///
+    /// When the connection or channel fails before the confirm arrives, the broker may or may not have the
+    /// message, so it is published again with the same messageId (the client de-duplicates) until the deadline.
     pub async fn publish(&self, publication: &Publication) -> Result<Published, BrokerError> {
         self.bounded(publication, async {
-            let (confirms, declares) = self.channels().await?;
-            self.publish_on(&confirms, &declares, publication, None)
-                .await
+            let mut backoff = Backoff::new(self.amqp.reconnect_min_backoff, self.amqp.reconnect_max_backoff);
+            loop {
+                let attempt = async {
+                    let (confirms, declares) = self.channels().await?;
+                    self.publish_on(&confirms, &declares, publication, None).await
+                };
+                match attempt.await {
+                    Err(
+                        error @ (BrokerError::Operation { .. }
+                        | BrokerError::Unreachable { .. }
+                        | BrokerError::HandshakeTimeout { .. }),
+                    ) => {
+                        let delay = backoff.fail();
+                        warn!(
+                            message_id = %publication.envelope.id(),
+                            %error,
+                            retry_in = ?delay,
+                            "publish failed before its confirm; publishing again with the same messageId"
+                        );
+                        tokio::time::sleep(delay).await;
+                    }
+                    other => return other,
+                }
+            }
         })
         .await
     }
@@ -640,10 +664,12 @@ impl Publisher {
         }
     }
 
-    /// Closes the connection after the pending confirms.
+    /// Closes the connection, waiting at most `amqp.connect_timeout`: while the broker blocks the connection
+    /// nothing can be written, not even the close.
     pub async fn close(&self) {
         if let Some(open) = self.channels.lock().await.take() {
-            let _ = open.connection.close(200, "closing".into()).await;
+            let closing = open.connection.close(200, "closing".into());
+            let _ = tokio::time::timeout(self.amqp.connect_timeout, closing).await;
         }
         self.connected.store(false, Ordering::Relaxed);
     }
@@ -937,7 +963,12 @@ pub struct RabbitBroker {
     broadcasts: broadcast::Sender<Arc<Envelope>>,
     /// Keys this node's broadcast queue is bound to, re-bound after a reconnect.
     broadcast_keys: StdMutex<HashSet<BroadcastKey>>,
+    /// Set by `close`, so the supervisor does not reconnect.
+    closed: AtomicBool,
 }
+
+/// How often the supervisor checks the connections while they are up.
+const SUPERVISE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The consumer connection and the channel that manages this node's broadcast bindings.
 struct ConsumerSide {
@@ -969,9 +1000,53 @@ impl RabbitBroker {
             control: broadcast::channel(FANOUT_BUFFER).0,
             broadcasts: broadcast::channel(FANOUT_BUFFER).0,
             broadcast_keys: StdMutex::new(HashSet::new()),
+            closed: AtomicBool::new(false),
         };
         broker.consumer_side().await?;
         Ok(broker)
+    }
+
+    /// Starts the supervisor: every second it checks both connections and, when one is lost, reconnects with
+    /// exponential backoff and jitter. A reconnect redeclares the topology and restarts this node's control and
+    /// broadcast consumers and bindings; sessions resubscribe their own mailboxes. Stops with `shutdown` or when
+    /// the broker is dropped.
+    pub fn supervise(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let broker = Arc::downgrade(self);
+        let amqp = self.amqp.clone();
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new(amqp.reconnect_min_backoff, amqp.reconnect_max_backoff);
+            let mut delay = SUPERVISE_INTERVAL;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                let Some(broker) = broker.upgrade() else {
+                    break;
+                };
+                if broker.closed.load(Ordering::Relaxed) {
+                    break;
+                }
+                let checked = async {
+                    broker.publisher.channels().await?;
+                    broker.consumer_side().await?;
+                    Ok::<(), BrokerError>(())
+                };
+                match checked.await {
+                    Ok(()) => {
+                        if backoff.failures > 0 {
+                            info!(node = %broker.node, attempts = backoff.failures + 1, "reconnected to RabbitMQ");
+                        }
+                        backoff.reset();
+                        delay = SUPERVISE_INTERVAL;
+                    }
+                    Err(error) => {
+                        delay = backoff.fail();
+                        warn!(node = %broker.node, %error, retry_in = ?delay, "RabbitMQ is unreachable; retrying");
+                    }
+                }
+            }
+        });
     }
 
     /// The publisher, for callers that publish without a gateway.
@@ -999,6 +1074,7 @@ impl RabbitBroker {
                 return Ok((side.connection.clone(), side.bindings.clone()));
             }
             warn!(node = %self.node, "consumer connection lost; reconnecting");
+            self.consumer_connected.store(false, Ordering::Relaxed);
         }
         let name = format!("wsgw {} consumer", self.node);
         let connection = Arc::new(open_connection(&self.url, &self.amqp, &name).await?);
@@ -1358,6 +1434,7 @@ impl Broker for RabbitBroker {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
+            self.closed.store(true, Ordering::Relaxed);
             self.publisher.close().await;
             if let Some(side) = self.consumer.lock().await.take() {
                 let _ = side.connection.close(200, "closing".into()).await;

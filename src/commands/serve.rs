@@ -60,10 +60,16 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
         None => format!("ws://{local}"),
     };
     let (signer, api_keys) = secrets(&config, global.api_key.as_deref(), local)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
 
     let broker: Arc<dyn Broker> = match &config.amqp.url {
         Some(amqp_url) => {
-            Arc::new(RabbitBroker::connect(amqp_url, &config.amqp, &config.mailbox, &node).await?)
+            let broker = Arc::new(
+                RabbitBroker::connect(amqp_url, &config.amqp, &config.mailbox, &node).await?,
+            );
+            broker.supervise(shutdown.clone());
+            broker
         }
         None => {
             warn!(
@@ -81,8 +87,8 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
         broker.clone(),
         signer,
         api_keys,
+        shutdown,
     );
-    spawn_signal_handler(gateway.shutdown.clone());
     info!(listen = %local, public_url = %public_url, node = %node, "listening");
     gateway.serve(listener, SHUTDOWN_GRACE).await;
     broker.close().await;

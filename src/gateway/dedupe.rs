@@ -67,3 +67,47 @@ mod tests {
         assert!(!window.contains(&other, "b"), "the window is per sender");
     }
 }
+
+/// How often each recent messageId was rejected by a client on this node, bounded like [`DedupeWindow`].
+///
+/// Classic queues on RabbitMQ 3.10 do not count deliveries, so the gateway counts rejections itself. The count
+/// is per node and lost on restart; after a crash a poison message may get `session.max_rejects` more tries.
+pub struct RejectCounter {
+    capacity: usize,
+    counts: Mutex<(std::collections::HashMap<String, u32>, VecDeque<String>)>,
+}
+
+impl RejectCounter {
+    pub fn new(capacity: usize) -> Self {
+        RejectCounter {
+            capacity: capacity.max(1),
+            counts: Mutex::new((std::collections::HashMap::new(), VecDeque::new())),
+        }
+    }
+
+    /// Counts one more rejection of `message_id` and returns the total.
+    pub fn reject(&self, message_id: &str) -> u32 {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *counts;
+        let count = map.entry(message_id.to_owned()).or_insert_with(|| {
+            order.push_back(message_id.to_owned());
+            0
+        });
+        *count += 1;
+        let total = *count;
+        while order.len() > self.capacity {
+            if let Some(oldest) = order.pop_front() {
+                map.remove(&oldest);
+            }
+        }
+        total
+    }
+
+    /// Forgets a message that left the mailbox.
+    pub fn forget(&self, message_id: &str) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.0.remove(message_id).is_some() {
+            counts.1.retain(|id| id != message_id);
+        }
+    }
+}

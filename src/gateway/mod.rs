@@ -27,8 +27,11 @@ use crate::broker::{Broker, ControlMessage};
 use crate::config::Config;
 use crate::domain::TokenSigner;
 use auth::UsedTokens;
-use dedupe::DedupeWindow;
+use dedupe::{DedupeWindow, RejectCounter};
 use registry::Registry;
+
+/// Messages whose rejections are counted at once; the oldest entries are forgotten first.
+const REJECT_COUNTER_CAPACITY: usize = 100_000;
 
 /// Everything a request handler or a session needs, shared by all of them.
 pub struct Gateway {
@@ -43,6 +46,7 @@ pub struct Gateway {
     pub registry: Registry,
     pub used_tokens: UsedTokens,
     pub dedupe: DedupeWindow,
+    pub rejections: RejectCounter,
     pub broadcast_bindings: broadcast::Bindings,
     /// Cancelled when the gateway shuts down; every loop races it.
     pub shutdown: CancellationToken,
@@ -58,6 +62,7 @@ impl Gateway {
         broker: Arc<dyn Broker>,
         signer: TokenSigner,
         api_keys: Vec<String>,
+        shutdown: CancellationToken,
     ) -> Arc<Gateway> {
         let used_tokens = UsedTokens::new(config.auth.used_token_capacity);
         let dedupe = DedupeWindow::new(config.session.dedupe_window);
@@ -71,8 +76,9 @@ impl Gateway {
             registry: Registry::default(),
             used_tokens,
             dedupe,
+            rejections: RejectCounter::new(REJECT_COUNTER_CAPACITY),
             broadcast_bindings: broadcast::Bindings::default(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
         })
     }

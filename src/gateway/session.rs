@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures_util::SinkExt;
-use futures_util::stream::{BoxStream, SplitSink, SplitStream, StreamExt};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{self, BoxStream, SplitSink, SplitStream, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
@@ -27,8 +28,8 @@ use tracing::{debug, info, warn};
 use super::Gateway;
 use super::registry::{SessionCommand, SessionInfo};
 use crate::broker::{
-    BroadcastKey, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication, Receipt,
-    Subscription,
+    Backoff, BroadcastKey, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication,
+    Receipt, Subscription,
 };
 use crate::domain::envelope::unix_millis;
 use crate::domain::frame::{ErrorCode, PROTOCOL_V1, close_code};
@@ -134,6 +135,8 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
                 invalid_frames: 0,
                 sends_in_flight: 0,
                 outcomes,
+                consumer_tag: consumer_tag.clone(),
+                release: Some(release),
             };
             let inputs = Inputs {
                 stream,
@@ -147,9 +150,9 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
                 Err(end) => end,
             };
             let unacked = session.pending.len();
-            drop(session);
             // Returns the unacked deliveries to the mailbox, in order.
-            release.await;
+            session.release().await;
+            drop(session);
             if unacked > 0 {
                 debug!(%identity, unacked, "returned unacked messages to the mailbox");
             }
@@ -203,9 +206,19 @@ struct Session {
     invalid_frames: u32,
     sends_in_flight: usize,
     outcomes: mpsc::Sender<ServerFrame>,
+    consumer_tag: String,
+    /// Cancels the current mailbox consumer; None while the session waits to resubscribe.
+    release: Option<BoxFuture<'static, ()>>,
 }
 
 impl Session {
+    /// Cancels the mailbox consumer, returning the unacked deliveries to the mailbox.
+    async fn release(&mut self) {
+        if let Some(release) = self.release.take() {
+            release.await;
+        }
+    }
+
     async fn pump(&mut self, sink: &mut Sink, inputs: Inputs<'_>) -> End {
         let Inputs {
             mut stream,
@@ -218,6 +231,9 @@ impl Session {
         let shutdown = self.gateway.shutdown.clone();
         let mut next_ping = Instant::now() + config.ping_interval;
         let mut pong_deadline: Option<Instant> = None;
+        let mut resubscribe_at: Option<Instant> = None;
+        let amqp = &self.gateway.config.amqp;
+        let mut backoff = Backoff::new(amqp.reconnect_min_backoff, amqp.reconnect_max_backoff);
         loop {
             let deadline = pong_deadline.unwrap_or(next_ping);
             tokio::select! {
@@ -246,10 +262,37 @@ impl Session {
                         }
                     }
                     None => {
-                        return End::Close(
-                            close_code::BROKER_UNAVAILABLE,
-                            "the gateway lost its message broker; reconnect later".to_owned(),
+                        // The broker connection or the channel was lost, or the broker cancelled the consumer.
+                        // The session stays open and resubscribes; the broker has already returned the
+                        // unacked deliveries to the mailbox, so they come again marked redelivered.
+                        let delay = backoff.fail();
+                        warn!(
+                            identity = %self.identity,
+                            unacked = self.pending.len(),
+                            retry_in = ?delay,
+                            "mailbox consumer ended; resubscribing"
                         );
+                        self.pending.clear();
+                        self.release().await;
+                        deliveries = stream::pending().boxed();
+                        resubscribe_at = Some(Instant::now() + delay);
+                    }
+                },
+                _ = sleep_until(resubscribe_at.unwrap_or(next_ping)), if resubscribe_at.is_some() => {
+                    let window = self.gateway.config.session.pending_ack_window;
+                    match self.gateway.broker.subscribe(&self.identity, &self.consumer_tag, window).await {
+                        Ok(Subscription { deliveries: resumed, release }) => {
+                            info!(identity = %self.identity, attempts = backoff.failures, "mailbox consumer resumed");
+                            deliveries = resumed;
+                            self.release = Some(release);
+                            resubscribe_at = None;
+                            backoff.reset();
+                        }
+                        Err(error) => {
+                            let delay = backoff.fail();
+                            warn!(identity = %self.identity, %error, retry_in = ?delay, "resubscribing to the mailbox failed");
+                            resubscribe_at = Some(Instant::now() + delay);
+                        }
                     }
                 },
                 frame = stream.next() => {
@@ -514,11 +557,20 @@ impl Session {
             );
             return self.reply_invalid(sink, error).await;
         };
-        // NOTE: a rejected message goes straight to the dead-letter queue; a retry budget before that is not
-        // implemented yet.
-        info!(identity = %self.identity, message_id = %message_id, %reason, "client rejected a message; dead-lettering it");
-        if let Err(error) = pending.acker.dead_letter().await {
-            warn!(identity = %self.identity, message_id = %message_id, %error, "dead-lettering failed; the message will be redelivered");
+        let rejections = self.gateway.rejections.reject(&message_id);
+        let limit = self.gateway.config.session.max_rejects;
+        if rejections > limit {
+            // Past the retry budget the message goes to the dead-letter queue (reason `rejected`), never loops.
+            info!(identity = %self.identity, message_id = %message_id, %reason, rejections, "client rejected a message too often; dead-lettering it");
+            self.gateway.rejections.forget(&message_id);
+            if let Err(error) = pending.acker.dead_letter().await {
+                warn!(identity = %self.identity, message_id = %message_id, %error, "dead-lettering failed; the message will be redelivered");
+            }
+        } else {
+            info!(identity = %self.identity, message_id = %message_id, %reason, rejections, "client rejected a message; returning it to the mailbox");
+            if let Err(error) = pending.acker.requeue().await {
+                warn!(identity = %self.identity, message_id = %message_id, %error, "requeue failed; the message will be redelivered");
+            }
         }
         Ok(())
     }

@@ -493,6 +493,17 @@ impl TestEnv {
         kind: BrokerKind,
         config: &wsgw::config::Config,
     ) -> Arc<dyn wsgw::broker::Broker> {
+        self.supervised_broker(kind, config, tokio_util::sync::CancellationToken::new())
+            .await
+    }
+
+    /// A broker of the given kind; a RabbitMQ broker's supervisor stops with `shutdown`.
+    pub async fn supervised_broker(
+        &self,
+        kind: BrokerKind,
+        config: &wsgw::config::Config,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Arc<dyn wsgw::broker::Broker> {
         match kind {
             BrokerKind::Rabbit => {
                 let node = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -504,7 +515,9 @@ impl TestEnv {
                 )
                 .await
                 .expect("connect to RabbitMQ");
-                Arc::new(broker)
+                let broker = Arc::new(broker);
+                broker.supervise(shutdown);
+                broker
             }
             BrokerKind::Memory => Arc::new(wsgw::broker::memory::MemoryBroker::new(
                 &config.memory,
@@ -521,7 +534,10 @@ impl TestEnv {
     ) -> InProcess {
         let mut config = self.config(kind);
         configure(&mut config);
-        let broker = self.broker(kind, &config).await;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let broker = self
+            .supervised_broker(kind, &config, shutdown.clone())
+            .await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -535,6 +551,7 @@ impl TestEnv {
             broker.clone(),
             signer.clone(),
             vec![API_KEY.to_owned()],
+            shutdown,
         );
         let serving = gateway.clone();
         tokio::spawn(async move { serving.serve(listener, Duration::from_secs(5)).await });
