@@ -210,6 +210,16 @@ impl Client {
         .await
     }
 
+    /// Sends a message to the server or to another client. The gateway answers with an ack event carrying the
+    /// messageId after the broker confirmed, or an error event; set a messageId to match the answer and to
+    /// resend safely.
+    pub async fn send(&mut self, envelope: Envelope) -> Result<(), ClientError> {
+        self.send_frame(&ClientFrame::Send {
+            message: Box::new(envelope),
+        })
+        .await
+    }
+
     /// Sends a raw text frame (tests use this to send invalid frames).
     pub async fn send_text(&mut self, text: &str) -> Result<(), ClientError> {
         self.socket

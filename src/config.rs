@@ -202,7 +202,7 @@ pub struct SessionConfig {
     pub write_buffer_size: usize,
     /// Maximum bytes queued for writing per connection; must exceed `write_buffer_size`.
     pub max_write_buffer_size: usize,
-    /// Invalid frames tolerated per session before it is closed with a policy violation.
+    /// Invalid frames per session at which it is closed with a policy violation (1008).
     pub max_invalid_frames: u32,
     /// Times a client may reject one message; the next rejection dead-letters it with reason `rejected`.
     pub max_rejects: u32,

@@ -116,7 +116,7 @@ pub enum BrokerError {
     )]
     ConfirmTimeout { message_id: String, timeout: String },
     #[error(
-        "RabbitMQ is blocking publishers ({reason}), so message {message_id} was not accepted within {timeout}; free broker memory or disk, then retry"
+        "RabbitMQ is blocking publishers ({reason}), so message {message_id} was not confirmed within {timeout}; it may still be queued once the broker unblocks, so free broker memory or disk, then retry with the same messageId"
     )]
     Blocked {
         message_id: String,

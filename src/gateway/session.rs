@@ -420,12 +420,7 @@ impl Session {
             if self.recent_broadcasts.contains(&message_id) {
                 return Ok(());
             }
-            let error = self.invalid(
-                ErrorCode::UnknownMessageId,
-                "no message with this messageId is waiting for an ack on this session".to_owned(),
-                Some(message_id),
-            );
-            return self.reply_invalid(sink, error).await;
+            return self.unknown_message_id(sink, message_id).await;
         };
         // The client has the message: only now does it leave RabbitMQ.
         if let Err(error) = pending.acker.ack().await {
@@ -550,12 +545,7 @@ impl Session {
         reason: String,
     ) -> Result<(), End> {
         let Some(pending) = self.take_pending(&message_id) else {
-            let error = self.invalid(
-                ErrorCode::UnknownMessageId,
-                "no message with this messageId is waiting for an ack on this session".to_owned(),
-                Some(message_id),
-            );
-            return self.reply_invalid(sink, error).await;
+            return self.unknown_message_id(sink, message_id).await;
         };
         let rejections = self.gateway.rejections.reject(&message_id);
         let limit = self.gateway.config.session.max_rejects;
@@ -573,6 +563,18 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Answers an ack or reject of a messageId this session is not waiting for. Not counted as an invalid frame:
+    /// a duplicate ack or an ack of an old broadcast is a benign client mistake.
+    async fn unknown_message_id(&mut self, sink: &mut Sink, message_id: String) -> Result<(), End> {
+        let frame = ServerFrame::Error {
+            code: ErrorCode::UnknownMessageId,
+            reason: "no message with this messageId is waiting for an ack on this session"
+                .to_owned(),
+            message_id: Some(message_id),
+        };
+        self.send(sink, &frame).await
     }
 
     /// Counts an invalid frame and builds the error frame for it.
