@@ -91,6 +91,75 @@ pub enum Command {
     Send(SendArgs),
     /// Connect as a client, print each message received, and ack it
     Listen(ListenArgs),
+    /// Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)
+    #[command(name = "replay-dlq")]
+    ReplayDlq(ReplayDlqArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayDlqArgs {
+    #[command(subcommand)]
+    pub action: DlqAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead-lettered messages without consuming them
+    List(DlqFilter),
+    /// Print one dead-lettered message whole
+    Show {
+        /// messageId of the message
+        #[arg(value_name = "MESSAGE_ID")]
+        id: String,
+    },
+    /// Re-publish matching messages to their original destination, removing each after the broker confirmed
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Skip messages already replayed this many times
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        max_replays: u32,
+        /// Show what would be replayed without publishing or removing anything
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete matching messages from the dead-letter queue
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Do not ask for confirmation (required when standard input is not a terminal)
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Which dead-lettered messages a `replay-dlq` action applies to; all filters must match.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DlqFilter {
+    /// Only messages of this businessType
+    #[arg(long, value_name = "NAME")]
+    pub business_type: Option<String>,
+    /// Only messages of this messageType
+    #[arg(long, value_name = "NAME")]
+    pub message_type: Option<String>,
+    /// Only messages to this uniqueId, or uniqueId/clientType
+    #[arg(long, value_name = "RECIPIENT")]
+    pub to: Option<String>,
+    /// Only messages dead-lettered for this reason: unroutable, rejected, expired, maxlen
+    #[arg(long, value_name = "REASON")]
+    pub reason: Option<String>,
+    /// Only messages dead-lettered longer ago than this, such as 1h
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub older_than: Option<Duration>,
+    /// Only messages dead-lettered within this time, such as 30m
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub newer_than: Option<Duration>,
+    /// Only the message with this messageId
+    #[arg(long, value_name = "MESSAGE_ID")]
+    pub id: Option<String>,
+    /// At most this many matching messages
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Args)]

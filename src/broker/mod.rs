@@ -6,6 +6,7 @@
 //! releasing a [`Subscription`] returns every unacked delivery to its mailbox, in order, marked redelivered; one
 //! mailbox has at most one active consumer at a time; broadcasts are at-most-once.
 
+pub mod dlq;
 pub mod memory;
 pub mod rabbit;
 
@@ -30,6 +31,8 @@ pub mod header {
     pub const REPLAY_COUNT: &str = "x-wsgw-replay-count";
     /// Why the gateway itself dead-lettered the message (for example `unroutable`).
     pub const DEAD_LETTER_REASON: &str = "x-wsgw-dead-letter-reason";
+    /// When the gateway itself dead-lettered the message, in ms since the Unix epoch.
+    pub const DEAD_LETTERED_AT: &str = "x-wsgw-dead-lettered-at";
     /// The recipient identity, `uniqueId/clientType`.
     pub const RECIPIENT: &str = "x-wsgw-recipient";
 }
@@ -39,6 +42,8 @@ pub mod header {
 pub struct Publication {
     pub envelope: Envelope,
     pub destination: Destination,
+    /// How often the message was re-published from the dead-letter queue; 0 for a first publish.
+    pub replay_count: u32,
 }
 
 impl Publication {
@@ -48,6 +53,7 @@ impl Publication {
         Ok(Publication {
             envelope,
             destination,
+            replay_count: 0,
         })
     }
 }

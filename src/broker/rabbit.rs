@@ -437,7 +437,10 @@ impl Publisher {
             header::ORIGINAL_ROUTING_KEY.into(),
             AMQPValue::LongString(routing_key.as_str().into()),
         );
-        headers.insert(header::REPLAY_COUNT.into(), AMQPValue::LongLongInt(0));
+        headers.insert(
+            header::REPLAY_COUNT.into(),
+            AMQPValue::LongLongInt(i64::from(publication.replay_count)),
+        );
         if let Some(recipient) = &envelope.to_unique_id {
             let recipient = match &envelope.to_client_type {
                 Some(client_type) => format!("{recipient}/{client_type}"),
@@ -496,14 +499,17 @@ impl Publisher {
                     reply_code = returned.reply_code,
                     "message returned unroutable"
                 );
-                if destination.is_direct() {
+                // A replay that finds no route leaves its original in the dead-letter queue, so it is not
+                // parked a second time.
+                let parked = destination.is_direct() && publication.replay_count == 0;
+                if parked {
                     self.park_unroutable(confirms, body.as_bytes(), properties)
                         .await;
                 }
                 Err(BrokerError::Unroutable {
                     message_id,
                     routing_key,
-                    parked: destination.is_direct(),
+                    parked,
                 })
             }
             Confirmation::Nack(_) => Err(BrokerError::Refused {
@@ -607,6 +613,11 @@ impl Publisher {
         headers.insert(
             header::DEAD_LETTER_REASON.into(),
             AMQPValue::LongString("unroutable".into()),
+        );
+        let now = crate::domain::envelope::unix_millis(std::time::SystemTime::now());
+        headers.insert(
+            header::DEAD_LETTERED_AT.into(),
+            AMQPValue::LongLongInt(i64::try_from(now).unwrap_or(i64::MAX)),
         );
         let exchange = self.topology.dead_letter_exchange();
         let result = async {

@@ -1,6 +1,7 @@
 //! One module per subcommand, each with one entry function, and the helpers they share.
 
 pub mod listen;
+pub mod replay_dlq;
 pub mod send;
 pub mod serve;
 pub mod token;
@@ -24,6 +25,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Token(args) => token::run(&cli.global, args).await,
         Command::Send(args) => send::run(&cli.global, args).await,
         Command::Listen(args) => listen::run(&cli.global, args).await,
+        Command::ReplayDlq(args) => replay_dlq::run(&cli.global, args).await,
     }
 }
 

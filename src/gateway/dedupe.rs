@@ -48,26 +48,6 @@ impl DedupeWindow {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn window_evicts_oldest() {
-        let sender = Identity::new("u", "h5").expect("valid");
-        let window = DedupeWindow::new(2);
-        window.insert(&sender, "a");
-        window.insert(&sender, "b");
-        assert!(window.contains(&sender, "a"));
-        window.insert(&sender, "c");
-        assert!(!window.contains(&sender, "a"));
-        assert!(window.contains(&sender, "b"));
-        assert!(window.contains(&sender, "c"));
-        let other = Identity::new("v", "h5").expect("valid");
-        assert!(!window.contains(&other, "b"), "the window is per sender");
-    }
-}
-
 /// How often each recent messageId was rejected by a client on this node, bounded like [`DedupeWindow`].
 ///
 /// Classic queues on RabbitMQ 3.10 do not count deliveries, so the gateway counts rejections itself. The count
@@ -109,5 +89,37 @@ impl RejectCounter {
         if counts.0.remove(message_id).is_some() {
             counts.1.retain(|id| id != message_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_evicts_oldest() {
+        let sender = Identity::new("u", "h5").expect("valid");
+        let window = DedupeWindow::new(2);
+        window.insert(&sender, "a");
+        window.insert(&sender, "b");
+        assert!(window.contains(&sender, "a"));
+        window.insert(&sender, "c");
+        assert!(!window.contains(&sender, "a"));
+        assert!(window.contains(&sender, "b"));
+        assert!(window.contains(&sender, "c"));
+        let other = Identity::new("v", "h5").expect("valid");
+        assert!(!window.contains(&other, "b"), "the window is per sender");
+    }
+
+    #[test]
+    fn reject_counter_counts_and_forgets() {
+        let counter = RejectCounter::new(2);
+        assert_eq!(counter.reject("m1"), 1);
+        assert_eq!(counter.reject("m1"), 2);
+        counter.forget("m1");
+        assert_eq!(counter.reject("m1"), 1);
+        counter.reject("m2");
+        counter.reject("m3");
+        assert_eq!(counter.reject("m1"), 1, "the oldest entry was evicted");
     }
 }
