@@ -29,6 +29,7 @@ pub const KEYS: &[&str] = &[
     "amqp.prefix",
     "amqp.connect_timeout",
     "amqp.publish_timeout",
+    "amqp.publisher_mode",
     "amqp.reconnect_min_backoff",
     "amqp.reconnect_max_backoff",
     "mailbox.message_ttl",
@@ -138,6 +139,18 @@ pub struct AuthConfig {
     pub used_token_capacity: usize,
 }
 
+/// How the publisher learns that RabbitMQ took a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublisherMode {
+    /// Publisher confirms (the default): many publishes in flight, a nack for a full mailbox.
+    #[default]
+    Confirms,
+    /// AMQP transactions: one commit per publish, one transaction at a time per publisher, so slower. A full
+    /// mailbox fails the commit, which the publisher reports as refused.
+    Transactions,
+}
+
 /// The RabbitMQ connection and topology.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -149,6 +162,8 @@ pub struct AmqpConfig {
     /// Deadline for opening a connection, including the AMQP handshake.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How publishes are confirmed: `confirms` or `transactions`.
+    pub publisher_mode: PublisherMode,
     /// Deadline for one publish, from write to broker confirm, including republishing after a lost connection.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
@@ -258,6 +273,7 @@ impl Default for AmqpConfig {
             url: None,
             prefix: "wsgw".to_owned(),
             connect_timeout: Duration::from_secs(10),
+            publisher_mode: PublisherMode::Confirms,
             publish_timeout: Duration::from_secs(5),
             reconnect_min_backoff: Duration::from_millis(200),
             reconnect_max_backoff: Duration::from_secs(30),
@@ -271,6 +287,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("url", &self.url.as_deref().map(redact_url))
             .field("prefix", &self.prefix)
             .field("connect_timeout", &self.connect_timeout)
+            .field("publisher_mode", &self.publisher_mode)
             .field("publish_timeout", &self.publish_timeout)
             .field("reconnect_min_backoff", &self.reconnect_min_backoff)
             .field("reconnect_max_backoff", &self.reconnect_max_backoff)
@@ -581,6 +598,7 @@ mod tests {
                 | "session.pending_ack_window"
                 | "session.max_invalid_frames" => "7",
                 "policy.client_to_client" => "{ h5 = [\"h5\"], app = [\"*\"] }",
+                "amqp.publisher_mode" => "transactions",
                 k if k.starts_with("memory.") || k.starts_with("session.") => "64",
                 _ => "text",
             }

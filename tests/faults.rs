@@ -17,6 +17,7 @@ use wsgw::client::{Client, Event};
 use wsgw::domain::frame::close_code;
 
 use common::{BrokerKind, TestEnv, next_event, next_message};
+use wsgw::config::PublisherMode;
 
 static BROKER_FAULTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -149,11 +150,11 @@ async fn s01_dropped_client_gets_every_message_after_reconnect() {
     );
 }
 
-#[tokio::test]
-async fn s02_broker_restart_restores_consumers_and_topology() {
-    require_rabbitmq!();
+async fn s02_broker_restart_restores_consumers_and_topology(mode: PublisherMode) {
     let _serial = BROKER_FAULTS.lock().await;
-    let env = TestEnv::new().with_env("WSGW_AMQP_RECONNECT_MAX_BACKOFF", "2s");
+    let env = TestEnv::new()
+        .with_mode(mode)
+        .with_env("WSGW_AMQP_RECONNECT_MAX_BACKOFF", "2s");
     let server = env.serve("node-a");
     let identities: Vec<_> = (0..20).map(|_| env.identity("h5")).collect();
     let mut clients = Vec::new();
@@ -308,11 +309,9 @@ async fn s03_half_open_client_is_dropped_and_healthy_client_stays_fast() {
     healthy_client.close().await.expect("close");
 }
 
-#[tokio::test]
-async fn s04_send_to_new_identity_is_kept_or_reported_unroutable() {
-    require_rabbitmq!();
+async fn s04_send_to_new_identity_is_kept_or_reported_unroutable(mode: PublisherMode) {
     let _serial = BROKER_FAULTS.lock().await;
-    let env = TestEnv::new();
+    let env = TestEnv::new().with_mode(mode);
     let fresh = env.identity("charger");
     let send = |args: &[&str]| {
         env.wsgw()
@@ -369,11 +368,11 @@ async fn s04_send_to_new_identity_is_kept_or_reported_unroutable() {
     client.close().await.expect("close");
 }
 
-#[tokio::test]
-async fn s05_blocked_broker_fails_sends_within_deadline() {
-    require_rabbitmq!();
+async fn s05_blocked_broker_fails_sends_within_deadline(mode: PublisherMode) {
     let _serial = BROKER_FAULTS.lock().await;
-    let env = TestEnv::new().with_env("WSGW_AMQP_PUBLISH_TIMEOUT", "2s");
+    let env = TestEnv::new()
+        .with_mode(mode)
+        .with_env("WSGW_AMQP_PUBLISH_TIMEOUT", "2s");
     let server = env.serve("node-a");
     let identity = env.identity("charger");
     let mut session = Client::connect(&env.connection_url(&server, &identity))
@@ -466,11 +465,9 @@ async fn s05_blocked_broker_fails_sends_within_deadline() {
     session.close().await.expect("close");
 }
 
-#[tokio::test]
-async fn s06_gateway_killed_mid_stream_loses_nothing() {
-    require_rabbitmq!();
+async fn s06_gateway_killed_mid_stream_loses_nothing(mode: PublisherMode) {
     let _serial = BROKER_FAULTS.lock().await;
-    let env = TestEnv::new();
+    let env = TestEnv::new().with_mode(mode);
     let mut first = env.serve("node-a");
     let identity = env.identity("h5");
     let publisher = env.publisher().await;
@@ -528,11 +525,9 @@ async fn s09_second_connection_replaces_first_and_is_listed_alone() {
     second.close().await.expect("close B");
 }
 
-#[tokio::test]
-async fn s10_mailbox_limit_and_poison_message_lose_nothing() {
-    require_rabbitmq!();
+async fn s10_mailbox_limit_and_poison_message_lose_nothing(mode: PublisherMode) {
     let _serial = BROKER_FAULTS.lock().await;
-    let env = TestEnv::new();
+    let env = TestEnv::new().with_mode(mode);
     let gateway = env
         .gateway(BrokerKind::Rabbit, |config| {
             config.mailbox.max_length = 10;
@@ -551,21 +546,29 @@ async fn s10_mailbox_limit_and_poison_message_lose_nothing() {
         match gateway.broker.publish(publication).await {
             Ok(published) => accepted.push(published.message_id),
             Err(BrokerError::Refused { .. }) => refused += 1,
-            Err(other) => panic!("unexpected publish error: {other}"),
+            Err(other) => panic!("unexpected publish error for message {index}: {other}"),
         }
     }
     let mut client = gateway.connect(&offline, &[], &[]).await;
     let mut delivered = HashSet::new();
-    collect_distinct(&mut client, &mut delivered, accepted.len()).await;
+    collect_distinct(&mut client, &mut delivered, 10).await;
+    client.close().await.expect("close");
+    assert_eq!(
+        env.settled_message_count(&env.mailbox(&offline)).await,
+        0,
+        "exactly 10 were queued"
+    );
     let dead_lettered = dead_letter_count(&env).await as usize;
     assert_eq!(
         delivered.len() + refused + dead_lettered,
         15,
         "every message is accounted for"
     );
-    assert_eq!(delivered.len(), 10);
+    // With confirms the mailbox nacks what is over its limit; in a transaction the commit fails. Either way
+    // the publisher is told.
     assert_eq!(refused, 5);
-    client.close().await.expect("close");
+    assert_eq!(dead_lettered, 0);
+    let baseline = dead_lettered as u32;
 
     // Poison: one message the client always rejects, among nine good ones.
     let identity = env.identity("h5");
@@ -582,7 +585,7 @@ async fn s10_mailbox_limit_and_poison_message_lose_nothing() {
     let mut client = gateway.connect(&identity, &[], &[]).await;
     let mut acked = HashSet::new();
     let mut rejections = 0;
-    while acked.len() < good.len() || dead_letter_count(&env).await == 0 {
+    while acked.len() < good.len() || dead_letter_count(&env).await == baseline {
         let event = tokio::time::timeout(Duration::from_secs(5), client.next_event()).await;
         let Ok(event) = event else { continue };
         match event.expect("connection works") {
@@ -610,24 +613,114 @@ async fn s10_mailbox_limit_and_poison_message_lose_nothing() {
     let connection = common::connect().await;
     let channel = connection.create_channel().await.expect("channel");
     let dlq = format!("{}.dlq", env.prefix);
-    let message = channel
-        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+    let mut poison_reason = None;
+    while let Some(message) = channel
+        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
         .await
         .expect("basic.get")
-        .expect("the poison message is in the dead-letter queue");
-    assert_eq!(
-        message
+    {
+        if message
             .properties
             .message_id()
             .as_ref()
-            .map(|id| id.as_str()),
-        Some(poison.as_str())
+            .map(|id| id.as_str())
+            == Some(poison.as_str())
+        {
+            poison_reason = message.properties.headers().as_ref().and_then(|headers| {
+                headers
+                    .inner()
+                    .get(&lapin::types::ShortString::from("x-first-death-reason"))
+                    .cloned()
+            });
+        }
+    }
+    assert_eq!(
+        poison_reason,
+        Some(AMQPValue::LongString("rejected".into())),
+        "the poison message is in the dead-letter queue with reason rejected"
     );
-    let reason = message.properties.headers().as_ref().and_then(|headers| {
-        headers
-            .inner()
-            .get(&lapin::types::ShortString::from("x-first-death-reason"))
-            .cloned()
-    });
-    assert_eq!(reason, Some(AMQPValue::LongString("rejected".into())));
 }
+
+/// A publish whose connection RabbitMQ closes before the confirm is published again with the same messageId:
+/// every publish returns Ok and every messageId reaches the client.
+async fn s07_lost_confirm_is_republished(mode: PublisherMode) {
+    let _serial = BROKER_FAULTS.lock().await;
+    let env = TestEnv::new().with_mode(mode);
+    let identity = env.identity("h5");
+    let name = format!("wsgw publisher {}", env.prefix);
+    let publisher = env.named_publisher(&name).await;
+
+    let closer = {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let output = Command::new("rabbitmqctl")
+                .args(["list_connections", "-q", "pid", "client_properties"])
+                .output()
+                .expect("rabbitmqctl list_connections");
+            let listing = String::from_utf8_lossy(&output.stdout).into_owned();
+            let pid = listing
+                .lines()
+                .find(|line| line.contains(&format!("\"{name}\"")))
+                .and_then(|line| line.split_whitespace().next().map(str::to_owned))
+                .expect("the publisher's connection is listed");
+            rabbitmqctl(&["close_connection", &pid, "lost confirm test"]);
+        })
+    };
+    let mut published = HashSet::new();
+    let started = Instant::now();
+    while published.len() < 300 || !closer.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "publishing did not finish"
+        );
+        let id = common::publish_to(&publisher, &identity, json!(published.len())).await;
+        published.insert(id);
+    }
+    closer.join().expect("closer");
+
+    let server = env.serve("node-a");
+    let mut client = Client::connect(&env.connection_url(&server, &identity))
+        .await
+        .expect("connect");
+    let mut seen = HashSet::new();
+    collect_distinct(&mut client, &mut seen, published.len()).await;
+    assert_eq!(seen, published);
+    client.close().await.expect("close");
+}
+
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod confirms {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if !crate::common::rabbitmq_available() {
+                        return;
+                    }
+                    super::$name(wsgw::config::PublisherMode::Confirms).await;
+                }
+            )*
+        }
+        mod transactions {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if !crate::common::rabbitmq_available() {
+                        return;
+                    }
+                    super::$name(wsgw::config::PublisherMode::Transactions).await;
+                }
+            )*
+        }
+    };
+}
+
+both_modes!(
+    s02_broker_restart_restores_consumers_and_topology,
+    s04_send_to_new_identity_is_kept_or_reported_unroutable,
+    s05_blocked_broker_fails_sends_within_deadline,
+    s06_gateway_killed_mid_stream_loses_nothing,
+    s07_lost_confirm_is_republished,
+    s10_mailbox_limit_and_poison_message_lose_nothing,
+);

@@ -131,7 +131,7 @@ async fn soak_with_connection_closes_kill_and_client_drops() {
 
     let publisher = env.publisher().await;
     let mut published: HashMap<String, (usize, usize)> = HashMap::new();
-    let mut sequence = vec![0usize; CLIENTS];
+    let mut sequence = [0usize; CLIENTS];
     for phase in 0..4 {
         for index in 0..MESSAGES / 4 {
             let client = index % CLIENTS;

@@ -41,7 +41,7 @@ use super::{
     Backoff, BroadcastKey, Broker, BrokerError, ControlMessage, Delivery, DeliveryAcker,
     Publication, Published, Receipt, Subscription, header,
 };
-use crate::config::{AmqpConfig, MailboxConfig, redact_url};
+use crate::config::{AmqpConfig, MailboxConfig, PublisherMode, redact_url};
 use crate::domain::{Destination, Envelope, Identity};
 
 /// Queue and exchange names under one prefix.
@@ -184,6 +184,8 @@ pub struct Publisher {
     /// When each mailbox was last declared by this publisher, to re-declare it once per `declare_interval`.
     declared: StdMutex<HashMap<String, Instant>>,
     receipts: Mutex<Option<ReceiptChannel>>,
+    /// Serializes transactions in transactions mode.
+    transaction: Mutex<()>,
 }
 
 /// A confirm channel that also consumes direct reply-to receipts, with the publishes waiting for one.
@@ -221,6 +223,7 @@ impl Publisher {
             blocked: Arc::new(StdMutex::new(None)),
             declared: StdMutex::new(HashMap::new()),
             receipts: Mutex::new(None),
+            transaction: Mutex::new(()),
         };
         publisher.channels().await?;
         Ok(publisher)
@@ -242,7 +245,8 @@ impl Publisher {
             if open.connection.status().connected() {
                 if !open.confirms.status().connected() {
                     warn!(connection = %self.connection_name, "publishing channel closed; reopening it");
-                    open.confirms = open_confirm_channel(&open.connection).await?;
+                    open.confirms =
+                        open_publishing_channel(&open.connection, self.amqp.publisher_mode).await?;
                 }
                 if !open.declares.status().connected() {
                     debug!(connection = %self.connection_name, "declare channel closed; reopening it");
@@ -260,7 +264,7 @@ impl Publisher {
             self.connected.clone(),
             Some(self.blocked.clone()),
         );
-        let confirms = open_confirm_channel(&connection).await?;
+        let confirms = open_publishing_channel(&connection, self.amqp.publisher_mode).await?;
         let declares = open_channel(&connection).await?;
         declare_shared_topology(&declares, &self.topology).await?;
         self.connected.store(true, Ordering::Relaxed);
@@ -352,16 +356,10 @@ impl Publisher {
         let body = serde_json::to_vec(receipt).unwrap_or_default();
         let result = async {
             let (confirms, _) = self.channels().await?;
-            confirms
-                .basic_publish(
-                    "".into(),
-                    reply_to.into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_message_id(receipt.message_id.as_str().into()),
-                )
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_message_id(receipt.message_id.as_str().into());
+            self.publish_raw(&confirms, "", reply_to, false, &body, properties)
                 .await
                 .map_err(operation_error("basic.publish", "receipt"))?;
             Ok::<(), BrokerError>(())
@@ -467,36 +465,30 @@ impl Publisher {
         let body = envelope.to_json();
         let mandatory = !matches!(destination, Destination::Broadcast { .. });
 
-        let confirm = confirms
-            .basic_publish(
-                exchange.as_str().into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..BasicPublishOptions::default()
-                },
+        let outcome = self
+            .publish_raw(
+                confirms,
+                &exchange,
+                &routing_key,
+                mandatory,
                 body.as_bytes(),
                 properties.clone(),
             )
             .await
             .map_err(operation_error("basic.publish", &routing_key))?;
-        // The first await above means only "written to the socket"; this one waits for the broker's confirm.
-        let confirmation = confirm
-            .await
-            .map_err(operation_error("publisher confirm", &routing_key))?;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(Published {
+        match outcome {
+            Outcome::Accepted => Ok(Published {
                 message_id,
                 timestamp,
             }),
-            // With the mandatory flag and no route, the broker sends basic.return and then an ack: the ack
-            // alone does not mean the message was queued.
-            Confirmation::Ack(Some(returned)) => {
+            // With the mandatory flag and no route, the broker sends basic.return and then an ack (or
+            // commit-ok): the ack alone does not mean the message was queued.
+            Outcome::Returned(reply_code) => {
                 warn!(
                     message_id = %message_id,
                     exchange = %exchange,
                     routing_key = %routing_key,
-                    reply_code = returned.reply_code,
+                    reply_code,
                     "message returned unroutable"
                 );
                 // A replay that finds no route leaves its original in the dead-letter queue, so it is not
@@ -512,14 +504,9 @@ impl Publisher {
                     parked,
                 })
             }
-            Confirmation::Nack(_) => Err(BrokerError::Refused {
+            Outcome::Refused => Err(BrokerError::Refused {
                 message_id,
                 queue: routing_key,
-            }),
-            Confirmation::NotRequested => Err(BrokerError::Operation {
-                operation: "publisher confirm",
-                object: routing_key,
-                reason: "publisher confirms are not enabled on the publishing channel".to_owned(),
             }),
         }
     }
@@ -545,7 +532,7 @@ impl Publisher {
                 }
             }
         };
-        let channel = open_confirm_channel(&connection).await?;
+        let channel = open_publishing_channel(&connection, self.amqp.publisher_mode).await?;
         // Direct reply-to: consume the pseudo-queue without acks on the channel that publishes the requests.
         let mut consumer = channel
             .basic_consume(
@@ -620,24 +607,13 @@ impl Publisher {
             AMQPValue::LongLongInt(i64::try_from(now).unwrap_or(i64::MAX)),
         );
         let exchange = self.topology.dead_letter_exchange();
-        let result = async {
-            confirms
-                .basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    properties.with_headers(headers),
-                )
-                .await?
-                .await
-        }
-        .await;
-        match result {
-            Ok(Confirmation::Ack(_)) => {}
-            Ok(other) => {
-                warn!(exchange = %exchange, ?other, "parking an unroutable message was not confirmed")
-            }
+        let properties = properties.with_headers(headers);
+        match self
+            .publish_raw(confirms, &exchange, "", false, body, properties)
+            .await
+        {
+            Ok(Outcome::Accepted) => {}
+            Ok(_) => warn!(exchange = %exchange, "parking an unroutable message was not confirmed"),
             Err(error) => {
                 warn!(exchange = %exchange, %error, "parking an unroutable message failed")
             }
@@ -649,20 +625,10 @@ impl Publisher {
         let exchange = self.topology.control_exchange();
         let body = serde_json::to_vec(message).unwrap_or_default();
         let (confirms, _) = self.channels().await?;
-        let publish = async {
-            confirms
-                .basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default().with_content_type("application/json".into()),
-                )
-                .await?
-                .await
-        };
+        let properties = BasicProperties::default().with_content_type("application/json".into());
+        let publish = self.publish_raw(&confirms, &exchange, "", false, &body, properties);
         match tokio::time::timeout(self.amqp.publish_timeout, publish).await {
-            Ok(Ok(Confirmation::Ack(_))) => Ok(()),
+            Ok(Ok(Outcome::Accepted)) => Ok(()),
             Ok(Ok(_)) => Err(BrokerError::Refused {
                 message_id: "(control)".to_owned(),
                 queue: exchange,
@@ -675,6 +641,82 @@ impl Publisher {
         }
     }
 
+    /// Publishes once on `channel` and waits for the broker's verdict: the confirm in confirms mode, the commit
+    /// in transactions mode. A mandatory publish that is returned is reported as such even though the broker
+    /// then acks or commits it.
+    async fn publish_raw(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Outcome, lapin::Error> {
+        let options = BasicPublishOptions {
+            mandatory,
+            ..BasicPublishOptions::default()
+        };
+        match self.amqp.publisher_mode {
+            PublisherMode::Confirms => {
+                let confirm = channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.into(),
+                        options,
+                        body,
+                        properties,
+                    )
+                    .await?;
+                // The first await above means only "written to the socket"; this one waits for the confirm.
+                Ok(match confirm.await? {
+                    Confirmation::Ack(None) => Outcome::Accepted,
+                    Confirmation::Ack(Some(returned)) => Outcome::Returned(returned.reply_code),
+                    Confirmation::Nack(_) | Confirmation::NotRequested => Outcome::Refused,
+                })
+            }
+            PublisherMode::Transactions => {
+                // One transaction at a time per publisher: a commit covers everything published on the channel.
+                let _transaction = self.transaction.lock().await;
+                let message_id = properties.message_id().clone();
+                let published = channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.into(),
+                        options,
+                        body,
+                        properties,
+                    )
+                    .await;
+                if let Err(error) = published {
+                    let _ = channel.tx_rollback().await;
+                    return Err(error);
+                }
+                if let Err(error) = channel.tx_commit().await {
+                    // A full mailbox (x-overflow reject-publish) fails the commit with PRECONDITION_FAILED
+                    // "partial tx completion" and closes the channel (observed on RabbitMQ 3.10.8): the
+                    // transaction's form of a nack. The next publish reopens the channel.
+                    if error.to_string().contains("partial tx completion") {
+                        return Ok(Outcome::Refused);
+                    }
+                    let _ = channel.tx_rollback().await;
+                    return Err(error);
+                }
+                // basic.return arrives before commit-ok, so a returned message is recorded by now.
+                let returned = channel.wait_for_confirms().await?;
+                Ok(
+                    match returned
+                        .into_iter()
+                        .find(|returned| returned.delivery.properties.message_id() == &message_id)
+                    {
+                        Some(returned) => Outcome::Returned(returned.reply_code),
+                        None => Outcome::Accepted,
+                    },
+                )
+            }
+        }
+    }
+
     /// Closes the connection, waiting at most `amqp.connect_timeout`: while the broker blocks the connection
     /// nothing can be written, not even the close.
     pub async fn close(&self) {
@@ -684,6 +726,16 @@ impl Publisher {
         }
         self.connected.store(false, Ordering::Relaxed);
     }
+}
+
+/// What the broker said about one publish.
+enum Outcome {
+    /// Confirmed (or committed) and routed.
+    Accepted,
+    /// Returned unroutable (mandatory flag), with the reply code.
+    Returned(u16),
+    /// Negatively confirmed: the broker did not take it (for example a full queue that rejects publishes).
+    Refused,
 }
 
 fn message_properties(message_id: &str, timestamp_ms: u64, headers: FieldTable) -> BasicProperties {
@@ -702,12 +754,22 @@ async fn open_channel(connection: &Connection) -> Result<Channel, BrokerError> {
         .map_err(operation_error("channel.open", "publisher connection"))
 }
 
-async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+/// Opens a publishing channel in the configured mode: publisher confirms or AMQP transactions.
+async fn open_publishing_channel(
+    connection: &Connection,
+    mode: PublisherMode,
+) -> Result<Channel, BrokerError> {
     let channel = open_channel(connection).await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(operation_error("confirm.select", "publishing channel"))?;
+    match mode {
+        PublisherMode::Confirms => channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(operation_error("confirm.select", "publishing channel"))?,
+        PublisherMode::Transactions => channel
+            .tx_select()
+            .await
+            .map_err(operation_error("tx.select", "publishing channel"))?,
+    }
     Ok(channel)
 }
 

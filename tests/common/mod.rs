@@ -85,6 +85,7 @@ pub struct TestEnv {
     pub extra_env: Vec<(String, String)>,
     identities: Mutex<Vec<Identity>>,
     queues: Mutex<Vec<String>>,
+    pub publisher_mode: wsgw::config::PublisherMode,
 }
 
 impl TestEnv {
@@ -96,7 +97,18 @@ impl TestEnv {
             extra_env: Vec::new(),
             identities: Mutex::new(Vec::new()),
             queues: Mutex::new(Vec::new()),
+            publisher_mode: wsgw::config::PublisherMode::Confirms,
         }
+    }
+
+    /// Uses this publisher mode in every process and publisher of the test.
+    pub fn with_mode(mut self, mode: wsgw::config::PublisherMode) -> TestEnv {
+        self.publisher_mode = mode;
+        let name = match mode {
+            wsgw::config::PublisherMode::Confirms => "confirms",
+            wsgw::config::PublisherMode::Transactions => "transactions",
+        };
+        self.with_env("WSGW_AMQP_PUBLISHER_MODE", name)
     }
 
     /// Adds an environment variable to every process this test starts.
@@ -171,18 +183,19 @@ impl TestEnv {
 
     /// A publisher on this test's topology.
     pub async fn publisher(&self) -> Publisher {
+        self.named_publisher("wsgw test publisher").await
+    }
+
+    /// A publisher whose RabbitMQ connection has this name.
+    pub async fn named_publisher(&self, name: &str) -> Publisher {
         let amqp = AmqpConfig {
             prefix: self.prefix.clone(),
+            publisher_mode: self.publisher_mode,
             ..AmqpConfig::default()
         };
-        Publisher::connect(
-            &amqp_url(),
-            &amqp,
-            &self.mailbox_config(),
-            "wsgw test publisher",
-        )
-        .await
-        .expect("publisher connects")
+        Publisher::connect(&amqp_url(), &amqp, &self.mailbox_config(), name)
+            .await
+            .expect("publisher connects")
     }
 
     pub fn mailbox_config(&self) -> MailboxConfig {
@@ -481,6 +494,7 @@ impl TestEnv {
         let mut config = wsgw::config::Config::default();
         config.amqp.prefix = self.prefix.clone();
         config.amqp.url = (kind == BrokerKind::Rabbit).then(amqp_url);
+        config.amqp.publisher_mode = self.publisher_mode;
         config.mailbox = self.mailbox_config();
         config.auth.token_secret = Some(SECRET.to_owned());
         config.auth.api_keys = vec![API_KEY.to_owned()];
