@@ -23,12 +23,24 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
     /// Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]
-    #[arg(long, global = true, env = "WSGW_CONFIG", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "WSGW_CONFIG",
+        hide_env_values = true,
+        value_name = "PATH"
+    )]
     pub config: Option<PathBuf>,
 
     /// Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the
     /// address of the `wsgw serve` that wrote the local credentials]
-    #[arg(long, global = true, env = "WSGW_SERVER", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "WSGW_SERVER",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub server: Option<String>,
 
     /// RabbitMQ URL, such as amqp://user:password@host:5672/%2f

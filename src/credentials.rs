@@ -86,3 +86,15 @@ fn write(path: &Path, credentials: &LocalCredentials) -> std::io::Result<()> {
     file.sync_all()?;
     std::fs::rename(&temporary, path)
 }
+
+/// Forgets `server` as the local gateway when the credentials still name it, so that after this `wsgw serve`
+/// stops the CLI falls back to its default URL instead of a gateway that is gone.
+pub fn release_server(server: &str) {
+    let (Some(path), Some(mut credentials)) = (credentials_path(), load()) else {
+        return;
+    };
+    if credentials.server == server {
+        credentials.server = String::new();
+        let _ = write(&path, &credentials);
+    }
+}

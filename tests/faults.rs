@@ -689,6 +689,32 @@ async fn s07_lost_confirm_is_republished(mode: PublisherMode) {
     client.close().await.expect("close");
 }
 
+#[tokio::test]
+async fn deleted_mailbox_is_redeclared_and_session_resumes() {
+    require_rabbitmq!();
+    let _serial = BROKER_FAULTS.lock().await;
+    let env = TestEnv::new();
+    let server = env.serve("node-a");
+    let identity = env.identity("h5");
+    let mut client = Client::connect(&env.connection_url(&server, &identity)).await.expect("connect");
+
+    // Deleting the queue makes RabbitMQ cancel the session's consumer.
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete(env.mailbox(&identity).as_str().into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .expect("delete the mailbox");
+    server.wait_for_log(&["mailbox consumer resumed", &identity.unique_id]).await;
+
+    let publisher = env.publisher().await;
+    let id = common::publish_to(&publisher, &identity, json!("after the delete")).await;
+    let message = next_message(&mut client).await;
+    assert_eq!(message.envelope.id(), id, "the same WebSocket session receives again");
+    client.ack(&id).await.expect("ack");
+    client.close().await.expect("close");
+}
+
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {
         mod confirms {

@@ -154,7 +154,7 @@ pub enum BrokerError {
 
 fn unroutable_outcome(parked: bool) -> &'static str {
     if parked {
-        "it was parked in the dead-letter queue with reason unroutable; it is delivered once replayed after the recipient connected"
+        "it was parked in the dead-letter queue with reason unroutable: no client of that uniqueId has a mailbox yet, so give --to-client-type (toClientType), or let the recipient connect once, then run `wsgw replay-dlq replay`"
     } else {
         "no consumer is bound for it, so nothing was stored; bind a business queue to the inbound exchange, then retry"
     }

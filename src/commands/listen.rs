@@ -30,6 +30,8 @@ pub async fn run(global: &GlobalArgs, args: &ListenArgs) -> Result<(), CliError>
                     OutputFormat::Table => text_line(&message),
                 };
                 if let WriteOutcome::BrokenPipe = output::print_line(&line)? {
+                    // The reader is gone: this message stays unacked and comes again on the next connection.
+                    let _ = client.close().await;
                     return Ok(());
                 }
                 if !args.no_ack {

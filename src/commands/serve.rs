@@ -59,7 +59,7 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
         })?,
         None => format!("ws://{local}"),
     };
-    let (signer, api_keys) = secrets(&config, global.api_key.as_deref(), local)?;
+    let (signer, api_keys, local_server) = secrets(&config, global.api_key.as_deref(), local)?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
@@ -92,22 +92,27 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
     info!(listen = %local, public_url = %public_url, node = %node, "listening");
     gateway.serve(listener, SHUTDOWN_GRACE).await;
     broker.close().await;
+    if let Some(server) = local_server {
+        credentials::release_server(&server);
+    }
     info!(node = %node, "stopped");
     Ok(())
 }
 
 /// The token signer and accepted API keys: from the config and environment, else (on a loopback address
-/// only) from the local credentials file, generated on first use.
+/// only) from the local credentials file, generated on first use. Also returns the server URL recorded in that
+/// file, if it was used.
 fn secrets(
     config: &Config,
     api_key_flag: Option<&str>,
     local: std::net::SocketAddr,
-) -> Result<(TokenSigner, Vec<String>), CliError> {
+) -> Result<(TokenSigner, Vec<String>, Option<String>), CliError> {
     let mut api_keys = config.auth.api_keys.clone();
     if let Some(key) = api_key_flag {
         api_keys.push(key.to_owned());
     }
     api_keys.retain(|key| !key.is_empty());
+    let mut local_server = None;
     let mut secret = config
         .auth
         .token_secret
@@ -125,7 +130,8 @@ fn secrets(
                 ),
             ));
         }
-        let (generated, path) = credentials::load_or_create(&format!("http://{local}")).map_err(|error| {
+        let server = format!("http://{local}");
+        let (generated, path) = credentials::load_or_create(&server).map_err(|error| {
             CliError::msg(
                 ExitCode::Config,
                 format!("cannot write local credentials: {error}; set WSGW_STATE_DIR to a writable folder"),
@@ -135,6 +141,7 @@ fn secrets(
             path = %path.display(),
             "no token secret or API key configured; using local credentials (for this machine only)"
         );
+        local_server = Some(server);
         secret.get_or_insert(generated.token_secret);
         if api_keys.is_empty() {
             api_keys.push(generated.api_key);
@@ -147,7 +154,7 @@ fn secrets(
             format!("invalid auth.token_secret: {error}"),
         )
     })?;
-    Ok((signer, api_keys))
+    Ok((signer, api_keys, local_server))
 }
 
 fn spawn_signal_handler(shutdown: tokio_util::sync::CancellationToken) {

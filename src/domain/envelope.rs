@@ -73,7 +73,7 @@ pub struct Envelope {
 /// Why an envelope was rejected. Every variant names the field involved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
-    #[error("invalid envelope: {message} (at `{path}`)")]
+    #[error("invalid envelope: {message}{}", path_suffix(path))]
     Json { path: String, message: String },
     #[error("invalid {field} {value:?}: {reason}")]
     Invalid {
@@ -83,6 +83,15 @@ pub enum EnvelopeError {
     },
     #[error("missing {field}: {reason}")]
     Missing { field: &'static str, reason: String },
+}
+
+/// ` (at `field`)` for an error inside a field; nothing for a syntax error of the whole document.
+fn path_suffix(path: &str) -> String {
+    if path.is_empty() || path == "?" || path == "envelope" || path == "." {
+        String::new()
+    } else {
+        format!(" (at `{path}`)")
+    }
 }
 
 impl EnvelopeError {

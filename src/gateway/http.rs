@@ -98,7 +98,7 @@ fn authorize(gateway: &Gateway, request: &Request<Incoming>) -> Option<HttpRespo
     if !auth::api_key_matches(&gateway.api_keys, key) {
         return Some(error_response(
             StatusCode::UNAUTHORIZED,
-            "invalid API key; use a key listed in auth.api_keys".to_owned(),
+            "invalid API key; use a key listed in auth.api_keys (for a local wsgw serve without one, the apiKey in its credentials.json)".to_owned(),
         ));
     }
     None
