@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::domain::SendType;
 
@@ -17,6 +17,33 @@ pub struct Cli {
     pub global: GlobalArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The full command definition: the derived one plus the exit codes and environment variables, which the
+/// man pages show too.
+pub fn command() -> clap::Command {
+    Cli::command().after_long_help(reference_text())
+}
+
+/// The exit codes and environment variables, as shown after `wsgw --help` and in the man page.
+pub fn reference_text() -> String {
+    let mut text = String::from("Exit status:\n");
+    for code in crate::exit::ExitCode::ALL {
+        text.push_str(&format!("  {:<4}{}\n", code as u8, code.meaning()));
+    }
+    text.push_str(
+        "\nEnvironment:\n\
+         \x20 WSGW_CONFIG         config file, as --config\n\
+         \x20 WSGW_SERVER         gateway URL, as --server\n\
+         \x20 WSGW_AMQP_URL       RabbitMQ URL, as --amqp-url\n\
+         \x20 WSGW_API_KEY        API key, as --api-key (serve also accepts it)\n\
+         \x20 WSGW_TOKEN_SECRET   token signing secret (auth.token_secret)\n\
+         \x20 WSGW_<SECTION>_<KEY>  any config key, such as WSGW_SESSION_PING_INTERVAL\n\
+         \x20 WSGW_STATE_DIR      folder of the local credentials file\n\
+         \x20 RUST_LOG            log filter, such as wsgw=debug\n\
+         \x20 NOTIFY_SOCKET       systemd notification socket (serve)\n",
+    );
+    text
 }
 
 /// Options shared by every subcommand.
@@ -187,6 +214,10 @@ pub struct ServeArgs {
     /// Name of this node [default: <hostname>-<random>]
     #[arg(long, env = "WSGW_SERVER_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
+
+    /// Check the configuration (file, environment and flags), report every invalid key, and exit
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// An identity given on the command line.

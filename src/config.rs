@@ -342,6 +342,14 @@ pub enum ConfigError {
         value: String,
         message: String,
     },
+    #[error("unknown config key {key}: it {reason}")]
+    Unknown { key: String, reason: String },
+    #[error("invalid config key {key} = {value}: {reason}")]
+    Value {
+        key: String,
+        value: String,
+        reason: String,
+    },
     #[error("invalid config key {key} = {value}: {reason}")]
     Invalid {
         key: &'static str,
@@ -382,24 +390,33 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks relations between keys that each parse on their own.
+    /// Checks relations between keys that each parse on their own; returns the first problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, value: String, reason: &str| {
-            Err(ConfigError::Invalid {
+        match self.problems().into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        }
+    }
+
+    /// Every relation between keys that does not hold.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut problems = Vec::new();
+        let mut invalid = |key, value: String, reason: &str| {
+            problems.push(ConfigError::Invalid {
                 key,
                 value,
                 reason: reason.to_owned(),
             })
         };
         if self.mailbox.expires <= self.mailbox.message_ttl * 2 {
-            return invalid(
+            invalid(
                 "mailbox.expires",
                 humantime::format_duration(self.mailbox.expires).to_string(),
                 "must be more than twice mailbox.message_ttl, or an idle mailbox is deleted with its messages",
             );
         }
         if self.mailbox.declare_interval * 4 > self.mailbox.expires {
-            return invalid(
+            invalid(
                 "mailbox.declare_interval",
                 humantime::format_duration(self.mailbox.declare_interval).to_string(),
                 "must be at most a quarter of mailbox.expires",
@@ -408,41 +425,160 @@ impl Config {
         if self.amqp.reconnect_min_backoff.is_zero()
             || self.amqp.reconnect_min_backoff > self.amqp.reconnect_max_backoff
         {
-            return invalid(
+            invalid(
                 "amqp.reconnect_min_backoff",
                 humantime::format_duration(self.amqp.reconnect_min_backoff).to_string(),
                 "must be above zero and at most amqp.reconnect_max_backoff",
             );
         }
         if self.session.pending_ack_window == 0 {
-            return invalid(
+            invalid(
                 "session.pending_ack_window",
                 "0".to_owned(),
                 "must be at least 1",
             );
         }
         if self.session.max_write_buffer_size <= self.session.write_buffer_size {
-            return invalid(
+            invalid(
                 "session.max_write_buffer_size",
                 self.session.max_write_buffer_size.to_string(),
                 "must be larger than session.write_buffer_size",
             );
         }
         if self.amqp.prefix.is_empty() || self.amqp.prefix.contains(['*', '#', ' ']) {
-            return invalid(
+            invalid(
                 "amqp.prefix",
                 self.amqp.prefix.clone(),
                 "must be non-empty and contain no spaces, * or #",
             );
         }
+        if let Some(secret) = &self.auth.token_secret {
+            if !secret.is_empty() && secret.len() < crate::domain::token::MIN_SECRET_LEN {
+                invalid(
+                    "auth.token_secret",
+                    "<redacted>".to_owned(),
+                    "must be at least 32 bytes; generate one with `openssl rand -base64 48`",
+                );
+            }
+        }
+        if let Some(url) = &self.amqp.url {
+            let scheme_ok = url::Url::parse(url)
+                .is_ok_and(|parsed| matches!(parsed.scheme(), "amqp" | "amqps"));
+            if !scheme_ok {
+                invalid(
+                    "amqp.url",
+                    redact_url(url),
+                    "must be an amqp:// or amqps:// URL, such as amqp://user:password@host:5672/%2f",
+                );
+            }
+        }
+        if let Some(public_url) = &self.server.public_url {
+            let scheme_ok = url::Url::parse(public_url)
+                .is_ok_and(|parsed| matches!(parsed.scheme(), "ws" | "wss" | "http" | "https"));
+            if !scheme_ok {
+                invalid(
+                    "server.public_url",
+                    public_url.clone(),
+                    "must be a ws://, wss://, http:// or https:// URL, such as wss://push.example.com",
+                );
+            }
+        }
         if self.auth.token_ttl > self.auth.max_token_ttl {
-            return invalid(
+            invalid(
                 "auth.token_ttl",
                 humantime::format_duration(self.auth.token_ttl).to_string(),
                 "must not exceed auth.max_token_ttl",
             );
         }
-        Ok(())
+        problems
+    }
+
+    /// Loads like [`Config::load`] but reports every invalid key instead of stopping at the first: unknown
+    /// sections and keys, values of the wrong type, and relations between keys that do not hold.
+    pub fn check(path: Option<&Path>) -> Result<Config, Vec<ConfigError>> {
+        Self::check_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::check`] with the environment given as a lookup function, for tests.
+    pub fn check_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<ConfigError>> {
+        let default_path = Path::new(DEFAULT_CONFIG_PATH);
+        let (text, source) = match path {
+            Some(path) => (read(path).map_err(|error| vec![error])?, path.to_path_buf()),
+            None if default_path.exists() => (
+                read(default_path).map_err(|error| vec![error])?,
+                default_path.to_path_buf(),
+            ),
+            None => (String::new(), PathBuf::from("(defaults)")),
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|error| {
+            vec![ConfigError::Parse {
+                path: source.clone(),
+                message: error.to_string(),
+            }]
+        })?;
+        apply_env(&mut table, env).map_err(|error| vec![error])?;
+
+        let mut problems = Vec::new();
+        for (section, values) in &table {
+            let Some(values) = values.as_table() else {
+                problems.push(ConfigError::Unknown {
+                    key: section.clone(),
+                    reason: "is not a [section]; see the keys in packaging/wsgw.toml".to_owned(),
+                });
+                continue;
+            };
+            for (key, value) in values {
+                let path = format!("{section}.{key}");
+                if !KEYS.contains(&path.as_str()) {
+                    problems.push(ConfigError::Unknown {
+                        key: path,
+                        reason: "is not a known key; see the keys in packaging/wsgw.toml"
+                            .to_owned(),
+                    });
+                    continue;
+                }
+                // Deserialize the key alone over the defaults, so each bad value is reported on its own.
+                let mut single = toml::Table::new();
+                let mut section_table = toml::Table::new();
+                section_table.insert(key.clone(), value.clone());
+                single.insert(section.clone(), toml::Value::Table(section_table));
+                if let Err(error) = Config::deserialize(toml::Value::Table(single)) {
+                    let shown = if path.contains("secret") || path.contains("api_keys") {
+                        "<redacted>".to_owned()
+                    } else if path == "amqp.url" {
+                        value
+                            .as_str()
+                            .map(redact_url)
+                            .unwrap_or_else(|| value.to_string())
+                    } else {
+                        value.to_string()
+                    };
+                    problems.push(ConfigError::Value {
+                        key: path,
+                        value: shown,
+                        reason: error.message().to_owned(),
+                    });
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let config = Config::deserialize(toml::Value::Table(table)).map_err(|error| {
+            vec![ConfigError::Parse {
+                path: source,
+                message: error.to_string(),
+            }]
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
     }
 
     /// The configured node name, or `<hostname>-<random>`.
@@ -599,6 +735,9 @@ mod tests {
                 | "session.max_invalid_frames" => "7",
                 "policy.client_to_client" => "{ h5 = [\"h5\"], app = [\"*\"] }",
                 "amqp.publisher_mode" => "transactions",
+                "server.public_url" => "wss://push.example.com",
+                "amqp.url" => "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "auth.token_secret" => "0123456789abcdef0123456789abcdef",
                 k if k.starts_with("memory.") || k.starts_with("session.") => "64",
                 _ => "text",
             }
@@ -619,6 +758,56 @@ mod tests {
         std::fs::write(&path, "[session]\nping_intervall = \"3s\"\n").expect("write");
         let error = Config::load_with_env(Some(&path), no_env).expect_err("unknown key");
         assert!(error.to_string().contains("ping_intervall"), "{error}");
+    }
+
+    #[test]
+    fn check_reports_every_bad_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wsgw.toml");
+        std::fs::write(
+            &path,
+            "[session]\nping_interval = \"often\"\npending_ack_window = -1\n[amqp]\nprefx = \"x\"\n",
+        )
+        .expect("write");
+        let problems = Config::check_with_env(Some(&path), no_env).expect_err("three bad keys");
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 3, "{text:?}");
+        assert!(
+            text.iter()
+                .any(|line| line.contains("session.ping_interval") && line.contains("often")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|line| line.contains("session.pending_ack_window") && line.contains("-1")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|line| line.contains("amqp.prefx")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn check_reports_every_broken_relation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wsgw.toml");
+        std::fs::write(
+            &path,
+            "[mailbox]\nmessage_ttl = \"1d\"\nexpires = \"1d\"\n[auth]\ntoken_secret = \"short\"\n",
+        )
+        .expect("write");
+        let problems = Config::check_with_env(Some(&path), no_env).expect_err("two problems");
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(
+            text.iter().any(|line| line.contains("mailbox.expires")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|line| line.contains("auth.token_secret") && !line.contains("short")),
+            "{text:?}"
+        );
     }
 
     #[test]

@@ -696,21 +696,32 @@ async fn deleted_mailbox_is_redeclared_and_session_resumes() {
     let env = TestEnv::new();
     let server = env.serve("node-a");
     let identity = env.identity("h5");
-    let mut client = Client::connect(&env.connection_url(&server, &identity)).await.expect("connect");
+    let mut client = Client::connect(&env.connection_url(&server, &identity))
+        .await
+        .expect("connect");
 
     // Deleting the queue makes RabbitMQ cancel the session's consumer.
     let connection = common::connect().await;
     let channel = connection.create_channel().await.expect("channel");
     channel
-        .queue_delete(env.mailbox(&identity).as_str().into(), lapin::options::QueueDeleteOptions::default())
+        .queue_delete(
+            env.mailbox(&identity).as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
         .await
         .expect("delete the mailbox");
-    server.wait_for_log(&["mailbox consumer resumed", &identity.unique_id]).await;
+    server
+        .wait_for_log(&["mailbox consumer resumed", &identity.unique_id])
+        .await;
 
     let publisher = env.publisher().await;
     let id = common::publish_to(&publisher, &identity, json!("after the delete")).await;
     let message = next_message(&mut client).await;
-    assert_eq!(message.envelope.id(), id, "the same WebSocket session receives again");
+    assert_eq!(
+        message.envelope.id(),
+        id,
+        "the same WebSocket session receives again"
+    );
     client.ack(&id).await.expect("ack");
     client.close().await.expect("close");
 }

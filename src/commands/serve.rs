@@ -21,6 +21,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> {
+    if args.check {
+        return check(global);
+    }
     let mut config = super::load_config(global)?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;
@@ -97,6 +100,33 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
     }
     info!(node = %node, "stopped");
     Ok(())
+}
+
+/// `wsgw serve --check`: reports every invalid key on stderr, or that the configuration is valid.
+fn check(global: &GlobalArgs) -> Result<(), CliError> {
+    let source = global
+        .config
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from(crate::config::DEFAULT_CONFIG_PATH));
+    match Config::check(global.config.as_deref()) {
+        Ok(_) => {
+            crate::output::print_line(&format!("configuration is valid ({})", source.display()))?;
+            Ok(())
+        }
+        Err(problems) => {
+            for problem in &problems {
+                eprintln!("wsgw: {problem}");
+            }
+            Err(CliError::msg(
+                ExitCode::Config,
+                format!(
+                    "{} invalid config key(s) in {} and the WSGW_* environment",
+                    problems.len(),
+                    source.display()
+                ),
+            ))
+        }
+    }
 }
 
 /// The token signer and accepted API keys: from the config and environment, else (on a loopback address
