@@ -39,6 +39,7 @@ Register-ArgumentCompleter -Native -CommandName 'wsgw' -ScriptBlock {
             [CompletionResult]::new('token', 'token', [CompletionResultType]::ParameterValue, 'Print a connection URL with a fresh token for one identity')
             [CompletionResult]::new('send', 'send', [CompletionResultType]::ParameterValue, 'Publish one message with a broker confirm and print its messageId (RabbitMQ with --amqp-url, else the gateway''s HTTP API)')
             [CompletionResult]::new('listen', 'listen', [CompletionResultType]::ParameterValue, 'Connect as a client, print each message received, and ack it')
+            [CompletionResult]::new('sessions', 'sessions', [CompletionResultType]::ParameterValue, 'List the live sessions of every node, or close one with --kick')
             [CompletionResult]::new('replay-dlq', 'replay-dlq', [CompletionResultType]::ParameterValue, 'Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -130,6 +131,29 @@ Register-ArgumentCompleter -Native -CommandName 'wsgw' -ScriptBlock {
             [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format [default: table on a terminal, json otherwise]')
             [CompletionResult]::new('--log-format', '--log-format', [CompletionResultType]::ParameterName, 'Log format on stderr')
             [CompletionResult]::new('--no-ack', '--no-ack', [CompletionResultType]::ParameterName, 'Print messages without acking them, so they stay in the mailbox and come again on the next connection')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output on stderr (-v debug, -vv trace); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output on stderr (-v debug, -vv trace); RUST_LOG overrides')
+            [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'Less log output on stderr (errors only)')
+            [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'Less log output on stderr (errors only)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'wsgw;sessions' {
+            [CompletionResult]::new('--unique-id', '--unique-id', [CompletionResultType]::ParameterName, 'Only sessions of this uniqueId')
+            [CompletionResult]::new('--client-type', '--client-type', [CompletionResultType]::ParameterName, 'Only sessions of this clientType')
+            [CompletionResult]::new('--node', '--node', [CompletionResultType]::ParameterName, 'Only sessions on this node')
+            [CompletionResult]::new('--sort', '--sort', [CompletionResultType]::ParameterName, 'Sort order')
+            [CompletionResult]::new('--kick', '--kick', [CompletionResultType]::ParameterName, 'Close this session with the close code that makes clients reconnect later')
+            [CompletionResult]::new('--timeout', '--timeout', [CompletionResultType]::ParameterName, 'How long to wait for the nodes'' replies')
+            [CompletionResult]::new('--config', '--config', [CompletionResultType]::ParameterName, 'Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]')
+            [CompletionResult]::new('--server', '--server', [CompletionResultType]::ParameterName, 'Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the address of the `wsgw serve` that wrote the local credentials]')
+            [CompletionResult]::new('--amqp-url', '--amqp-url', [CompletionResultType]::ParameterName, 'RabbitMQ URL, such as amqp://user:password@host:5672/%2f')
+            [CompletionResult]::new('--api-key', '--api-key', [CompletionResultType]::ParameterName, 'API key for the gateway''s token endpoint and HTTP API')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format [default: table on a terminal, json otherwise]')
+            [CompletionResult]::new('--log-format', '--log-format', [CompletionResultType]::ParameterName, 'Log format on stderr')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More log output on stderr (-v debug, -vv trace); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More log output on stderr (-v debug, -vv trace); RUST_LOG overrides')
             [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'Less log output on stderr (errors only)')
@@ -285,6 +309,7 @@ Register-ArgumentCompleter -Native -CommandName 'wsgw' -ScriptBlock {
             [CompletionResult]::new('token', 'token', [CompletionResultType]::ParameterValue, 'Print a connection URL with a fresh token for one identity')
             [CompletionResult]::new('send', 'send', [CompletionResultType]::ParameterValue, 'Publish one message with a broker confirm and print its messageId (RabbitMQ with --amqp-url, else the gateway''s HTTP API)')
             [CompletionResult]::new('listen', 'listen', [CompletionResultType]::ParameterValue, 'Connect as a client, print each message received, and ack it')
+            [CompletionResult]::new('sessions', 'sessions', [CompletionResultType]::ParameterValue, 'List the live sessions of every node, or close one with --kick')
             [CompletionResult]::new('replay-dlq', 'replay-dlq', [CompletionResultType]::ParameterValue, 'Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -299,6 +324,9 @@ Register-ArgumentCompleter -Native -CommandName 'wsgw' -ScriptBlock {
             break
         }
         'wsgw;help;listen' {
+            break
+        }
+        'wsgw;help;sessions' {
             break
         }
         'wsgw;help;replay-dlq' {

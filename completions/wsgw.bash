@@ -31,6 +31,9 @@ _wsgw() {
             wsgw,serve)
                 cmd="wsgw__subcmd__serve"
                 ;;
+            wsgw,sessions)
+                cmd="wsgw__subcmd__sessions"
+                ;;
             wsgw,token)
                 cmd="wsgw__subcmd__token"
                 ;;
@@ -48,6 +51,9 @@ _wsgw() {
                 ;;
             wsgw__subcmd__help,serve)
                 cmd="wsgw__subcmd__help__subcmd__serve"
+                ;;
+            wsgw__subcmd__help,sessions)
+                cmd="wsgw__subcmd__help__subcmd__sessions"
                 ;;
             wsgw__subcmd__help,token)
                 cmd="wsgw__subcmd__help__subcmd__token"
@@ -101,7 +107,7 @@ _wsgw() {
 
     case "${cmd}" in
         wsgw)
-            opts="-v -q -h -V --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version serve token send listen replay-dlq help"
+            opts="-v -q -h -V --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version serve token send listen sessions replay-dlq help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -139,7 +145,7 @@ _wsgw() {
             return 0
             ;;
         wsgw__subcmd__help)
-            opts="serve token send listen replay-dlq help"
+            opts="serve token send listen sessions replay-dlq help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -265,6 +271,20 @@ _wsgw() {
             return 0
             ;;
         wsgw__subcmd__help__subcmd__serve)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wsgw__subcmd__help__subcmd__sessions)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -834,6 +854,68 @@ _wsgw() {
                     return 0
                     ;;
                 --node-name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --amqp-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --api-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        wsgw__subcmd__sessions)
+            opts="-v -q -h -V --unique-id --client-type --node --sort --kick --timeout --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --unique-id)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --client-type)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --node)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --sort)
+                    COMPREPLY=($(compgen -W "connected unique-id client-type node pending" -- "${cur}"))
+                    return 0
+                    ;;
+                --kick)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

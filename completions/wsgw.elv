@@ -36,6 +36,7 @@ set edit:completion:arg-completer[wsgw] = {|@words|
             cand token 'Print a connection URL with a fresh token for one identity'
             cand send 'Publish one message with a broker confirm and print its messageId (RabbitMQ with --amqp-url, else the gateway''s HTTP API)'
             cand listen 'Connect as a client, print each message received, and ack it'
+            cand sessions 'List the live sessions of every node, or close one with --kick'
             cand replay-dlq 'Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -123,6 +124,28 @@ set edit:completion:arg-completer[wsgw] = {|@words|
             cand --output 'Output format [default: table on a terminal, json otherwise]'
             cand --log-format 'Log format on stderr'
             cand --no-ack 'Print messages without acking them, so they stay in the mailbox and come again on the next connection'
+            cand -v 'More log output on stderr (-v debug, -vv trace); RUST_LOG overrides'
+            cand --verbose 'More log output on stderr (-v debug, -vv trace); RUST_LOG overrides'
+            cand -q 'Less log output on stderr (errors only)'
+            cand --quiet 'Less log output on stderr (errors only)'
+            cand -h 'Print help'
+            cand --help 'Print help'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'wsgw;sessions'= {
+            cand --unique-id 'Only sessions of this uniqueId'
+            cand --client-type 'Only sessions of this clientType'
+            cand --node 'Only sessions on this node'
+            cand --sort 'Sort order'
+            cand --kick 'Close this session with the close code that makes clients reconnect later'
+            cand --timeout 'How long to wait for the nodes'' replies'
+            cand --config 'Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]'
+            cand --server 'Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the address of the `wsgw serve` that wrote the local credentials]'
+            cand --amqp-url 'RabbitMQ URL, such as amqp://user:password@host:5672/%2f'
+            cand --api-key 'API key for the gateway''s token endpoint and HTTP API'
+            cand --output 'Output format [default: table on a terminal, json otherwise]'
+            cand --log-format 'Log format on stderr'
             cand -v 'More log output on stderr (-v debug, -vv trace); RUST_LOG overrides'
             cand --verbose 'More log output on stderr (-v debug, -vv trace); RUST_LOG overrides'
             cand -q 'Less log output on stderr (errors only)'
@@ -266,6 +289,7 @@ set edit:completion:arg-completer[wsgw] = {|@words|
             cand token 'Print a connection URL with a fresh token for one identity'
             cand send 'Publish one message with a broker confirm and print its messageId (RabbitMQ with --amqp-url, else the gateway''s HTTP API)'
             cand listen 'Connect as a client, print each message received, and ack it'
+            cand sessions 'List the live sessions of every node, or close one with --kick'
             cand replay-dlq 'Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
@@ -276,6 +300,8 @@ set edit:completion:arg-completer[wsgw] = {|@words|
         &'wsgw;help;send'= {
         }
         &'wsgw;help;listen'= {
+        }
+        &'wsgw;help;sessions'= {
         }
         &'wsgw;help;replay-dlq'= {
             cand list 'List dead-lettered messages without consuming them'

@@ -40,6 +40,7 @@ complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "serve" -d 'Run the gatewa
 complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "token" -d 'Print a connection URL with a fresh token for one identity'
 complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "send" -d 'Publish one message with a broker confirm and print its messageId (RabbitMQ with --amqp-url, else the gateway\'s HTTP API)'
 complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "listen" -d 'Connect as a client, print each message received, and ack it'
+complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "sessions" -d 'List the live sessions of every node, or close one with --kick'
 complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "replay-dlq" -d 'Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)'
 complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c wsgw -n "__fish_wsgw_using_subcommand serve" -l listen -d 'Address and port to listen on [default: 127.0.0.1:8086]' -r
@@ -120,6 +121,28 @@ complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -s v -l verbose -d 'Mo
 complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -s q -l quiet -d 'Less log output on stderr (errors only)'
 complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -s h -l help -d 'Print help'
 complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -s V -l version -d 'Print version'
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l unique-id -d 'Only sessions of this uniqueId' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l client-type -d 'Only sessions of this clientType' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l node -d 'Only sessions on this node' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l sort -d 'Sort order' -r -f -a "connected\t''
+unique-id\t''
+client-type\t''
+node\t''
+pending\t''"
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l kick -d 'Close this session with the close code that makes clients reconnect later' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l timeout -d 'How long to wait for the nodes\' replies' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l config -d 'Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]' -r -F
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l server -d 'Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the address of the `wsgw serve` that wrote the local credentials]' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l amqp-url -d 'RabbitMQ URL, such as amqp://user:password@host:5672/%2f' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l api-key -d 'API key for the gateway\'s token endpoint and HTTP API' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l output -d 'Output format [default: table on a terminal, json otherwise]' -r -f -a "table\t''
+json\t''"
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
+json\t''"
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -s v -l verbose -d 'More log output on stderr (-v debug, -vv trace); RUST_LOG overrides'
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -s q -l quiet -d 'Less log output on stderr (errors only)'
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -s h -l help -d 'Print help'
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -s V -l version -d 'Print version'
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and not __fish_seen_subcommand_from list show replay purge help" -l config -d 'Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and not __fish_seen_subcommand_from list show replay purge help" -l server -d 'Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the address of the `wsgw serve` that wrote the local credentials]' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and not __fish_seen_subcommand_from list show replay purge help" -l amqp-url -d 'RabbitMQ URL, such as amqp://user:password@host:5672/%2f' -r
@@ -217,12 +240,13 @@ complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_su
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from help" -f -a "replay" -d 'Re-publish matching messages to their original destination, removing each after the broker confirmed'
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from help" -f -a "purge" -d 'Delete matching messages from the dead-letter queue'
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen replay-dlq help" -f -a "serve" -d 'Run the gateway daemon'
-complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen replay-dlq help" -f -a "token" -d 'Print a connection URL with a fresh token for one identity'
-complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen replay-dlq help" -f -a "send" -d 'Publish one message with a broker confirm and print its messageId (RabbitMQ with --amqp-url, else the gateway\'s HTTP API)'
-complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen replay-dlq help" -f -a "listen" -d 'Connect as a client, print each message received, and ack it'
-complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen replay-dlq help" -f -a "replay-dlq" -d 'Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)'
-complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen replay-dlq help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen sessions replay-dlq help" -f -a "serve" -d 'Run the gateway daemon'
+complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen sessions replay-dlq help" -f -a "token" -d 'Print a connection URL with a fresh token for one identity'
+complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen sessions replay-dlq help" -f -a "send" -d 'Publish one message with a broker confirm and print its messageId (RabbitMQ with --amqp-url, else the gateway\'s HTTP API)'
+complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen sessions replay-dlq help" -f -a "listen" -d 'Connect as a client, print each message received, and ack it'
+complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen sessions replay-dlq help" -f -a "sessions" -d 'List the live sessions of every node, or close one with --kick'
+complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen sessions replay-dlq help" -f -a "replay-dlq" -d 'Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)'
+complete -c wsgw -n "__fish_wsgw_using_subcommand help; and not __fish_seen_subcommand_from serve token send listen sessions replay-dlq help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c wsgw -n "__fish_wsgw_using_subcommand help; and __fish_seen_subcommand_from replay-dlq" -f -a "list" -d 'List dead-lettered messages without consuming them'
 complete -c wsgw -n "__fish_wsgw_using_subcommand help; and __fish_seen_subcommand_from replay-dlq" -f -a "show" -d 'Print one dead-lettered message whole'
 complete -c wsgw -n "__fish_wsgw_using_subcommand help; and __fish_seen_subcommand_from replay-dlq" -f -a "replay" -d 'Re-publish matching messages to their original destination, removing each after the broker confirmed'

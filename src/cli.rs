@@ -130,9 +130,43 @@ pub enum Command {
     Send(SendArgs),
     /// Connect as a client, print each message received, and ack it
     Listen(ListenArgs),
+    /// List the live sessions of every node, or close one with --kick
+    Sessions(SessionsArgs),
     /// Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)
     #[command(name = "replay-dlq")]
     ReplayDlq(ReplayDlqArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SessionsArgs {
+    /// Only sessions of this uniqueId
+    #[arg(long, value_name = "ID")]
+    pub unique_id: Option<String>,
+    /// Only sessions of this clientType
+    #[arg(long, value_name = "TYPE")]
+    pub client_type: Option<String>,
+    /// Only sessions on this node
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Sort order
+    #[arg(long, value_enum, default_value_t = SessionSort::Connected, value_name = "KEY")]
+    pub sort: SessionSort,
+    /// Close this session with the close code that makes clients reconnect later
+    #[arg(long, value_name = "SESSION_ID")]
+    pub kick: Option<String>,
+    /// How long to wait for the nodes' replies
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+}
+
+/// Sort keys of `wsgw sessions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SessionSort {
+    Connected,
+    UniqueId,
+    ClientType,
+    Node,
+    Pending,
 }
 
 #[derive(Debug, Args)]

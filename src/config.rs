@@ -20,6 +20,7 @@ pub const KEYS: &[&str] = &[
     "server.public_url",
     "server.node_name",
     "server.max_connections",
+    "server.shutdown_timeout",
     "auth.token_secret",
     "auth.api_keys",
     "auth.token_ttl",
@@ -45,6 +46,7 @@ pub const KEYS: &[&str] = &[
     "session.write_buffer_size",
     "session.max_write_buffer_size",
     "session.max_invalid_frames",
+    "session.shutdown_grace",
     "session.max_rejects",
     "session.max_sends_in_flight",
     "session.dedupe_window",
@@ -119,6 +121,9 @@ pub struct ServerConfig {
     pub node_name: Option<String>,
     /// Maximum number of open TCP connections; further connections wait until one closes.
     pub max_connections: usize,
+    /// On SIGTERM, how long to wait for sessions and connections to finish before exiting anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 /// Tokens and API keys.
@@ -219,6 +224,9 @@ pub struct SessionConfig {
     pub max_write_buffer_size: usize,
     /// Invalid frames per session at which it is closed with a policy violation (1008).
     pub max_invalid_frames: u32,
+    /// On shutdown, how long a client has to ack the messages it holds before its session closes.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Times a client may reject one message; the next rejection dead-letters it with reason `rejected`.
     pub max_rejects: u32,
     /// Messages a client may have sent and not yet had confirmed; further sends get an error frame.
@@ -236,6 +244,7 @@ impl Default for ServerConfig {
             public_url: None,
             node_name: None,
             max_connections: 10_000,
+            shutdown_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -318,6 +327,7 @@ impl Default for SessionConfig {
             write_buffer_size: 8 * 1024,
             max_write_buffer_size: 256 * 1024,
             max_invalid_frames: 10,
+            shutdown_grace: Duration::from_secs(5),
             max_rejects: 3,
             max_sends_in_flight: 16,
             dedupe_window: 100_000,
@@ -482,6 +492,13 @@ impl Config {
                     "must be a ws://, wss://, http:// or https:// URL, such as wss://push.example.com",
                 );
             }
+        }
+        if self.session.shutdown_grace >= self.server.shutdown_timeout {
+            invalid(
+                "session.shutdown_grace",
+                humantime::format_duration(self.session.shutdown_grace).to_string(),
+                "must be shorter than server.shutdown_timeout",
+            );
         }
         if self.auth.token_ttl > self.auth.max_token_ttl {
             invalid(
@@ -720,7 +737,8 @@ mod tests {
                 k if k.ends_with("ttl")
                     || k.ends_with("interval")
                     || k.ends_with("timeout")
-                    || k.ends_with("backoff") =>
+                    || k.ends_with("backoff")
+                    || k.ends_with("grace") =>
                 {
                     "1s"
                 }

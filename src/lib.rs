@@ -14,4 +14,5 @@ pub mod domain;
 pub mod exit;
 pub mod gateway;
 pub mod http_client;
+pub mod metrics;
 pub mod output;

@@ -19,8 +19,8 @@ use tokio::sync::{Notify, broadcast, oneshot};
 use tracing::{error, warn};
 
 use super::{
-    BroadcastKey, Broker, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication,
-    Published, Receipt, Subscription,
+    BroadcastKey, Broker, BrokerError, ControlEnvelope, ControlMessage, ControlReply, Delivery,
+    DeliveryAcker, Publication, Published, Receipt, Subscription,
 };
 use crate::config::{MailboxConfig, MemoryConfig};
 use crate::domain::{Destination, Envelope, Identity};
@@ -80,7 +80,7 @@ pub struct MemoryBroker {
     state: Arc<Mutex<State>>,
     memory: MemoryConfig,
     mailbox: MailboxConfig,
-    control: broadcast::Sender<ControlMessage>,
+    control: broadcast::Sender<ControlEnvelope>,
     broadcasts: broadcast::Sender<Arc<Envelope>>,
 }
 
@@ -563,11 +563,19 @@ impl Broker for MemoryBroker {
     }
 
     fn announce(&self, message: ControlMessage) -> BoxFuture<'_, Result<(), BrokerError>> {
-        let _ = self.control.send(message);
+        let _ = self.control.send(ControlEnvelope {
+            message,
+            reply_to: None,
+        });
         async { Ok(()) }.boxed()
     }
 
-    fn control_messages(&self) -> broadcast::Receiver<ControlMessage> {
+    fn send_control_reply(&self, _reply_to: String, _reply: ControlReply) -> BoxFuture<'_, ()> {
+        // The only node answers `wsgw sessions` over HTTP; nothing sends control requests in process.
+        async {}.boxed()
+    }
+
+    fn control_messages(&self) -> broadcast::Receiver<ControlEnvelope> {
         self.control.subscribe()
     }
 

@@ -154,7 +154,7 @@ pub enum BrokerError {
 
 fn unroutable_outcome(parked: bool) -> &'static str {
     if parked {
-        "it was parked in the dead-letter queue with reason unroutable: no client of that uniqueId has a mailbox yet, so give --to-client-type (toClientType), or let the recipient connect once, then run `wsgw replay-dlq replay`"
+        "it was parked in the dead-letter queue with reason unroutable: no client of that uniqueId has a mailbox yet, so give the recipient's clientType (toClientType, or --to-client-type), or let the recipient connect once and then replay it from the dead-letter queue (wsgw replay-dlq replay)"
     } else {
         "no consumer is bound for it, so nothing was stored; bind a business queue to the inbound exchange, then retry"
     }
@@ -223,14 +223,13 @@ impl Backoff {
         }
     }
 
-    /// The delay before the next attempt after a failure: the current step, with up to half of it as random
-    /// jitter so that many sessions do not retry in lockstep. Doubles the step, up to the maximum.
+    /// The delay before the next attempt after a failure: a random point between half the current step and the
+    /// full step, so that many sessions do not retry in lockstep. Doubles the step, up to the maximum.
     pub fn fail(&mut self) -> Duration {
         self.failures += 1;
         let step = self.next;
         self.next = (self.next * 2).min(self.max);
-        let jitter: f64 = rand::random::<f64>() * 0.5;
-        step.mul_f64(1.0 - jitter / 2.0).max(self.min.min(step))
+        step.mul_f64(0.5 + rand::random::<f64>() * 0.5)
     }
 
     /// Resets after a success.
@@ -251,6 +250,63 @@ pub enum ControlMessage {
         session_id: String,
         node: String,
     },
+    /// A node is alive; nodes remember their peers so `wsgw sessions` can name the ones that do not answer.
+    #[serde(rename_all = "camelCase")]
+    Heartbeat { node: String },
+    /// Every node replies with its live sessions ([`ControlReply::Sessions`]).
+    #[serde(rename_all = "camelCase")]
+    ListSessions { request_id: String },
+    /// The node holding the session closes it with the kicked code and replies ([`ControlReply::Kick`]).
+    #[serde(rename_all = "camelCase")]
+    Kick {
+        request_id: String,
+        session_id: String,
+    },
+}
+
+/// A control message with the address to reply to, when the sender expects a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlEnvelope {
+    pub message: ControlMessage,
+    pub reply_to: Option<String>,
+}
+
+/// A node's reply to a control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ControlReply {
+    #[serde(rename_all = "camelCase")]
+    Sessions {
+        request_id: String,
+        node: String,
+        sessions: Vec<SessionView>,
+        /// Other nodes this node heard a heartbeat from recently.
+        peers: Vec<String>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Kick {
+        request_id: String,
+        node: String,
+        kicked: bool,
+    },
+}
+
+/// One live session as `wsgw sessions` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionView {
+    pub session_id: String,
+    pub unique_id: String,
+    pub client_type: String,
+    pub node: String,
+    pub remote: String,
+    /// When the session opened, in ms since the Unix epoch.
+    pub connected_at: u64,
+    pub pushed: u64,
+    pub acked: u64,
+    pub pending: u64,
+    pub tags: Vec<String>,
+    pub businesses: Vec<String>,
 }
 
 /// What the gateway needs from a message broker.
@@ -269,6 +325,9 @@ pub trait Broker: Send + Sync + 'static {
     /// Sends a receipt to the publisher that asked for it. Best effort: a receipt whose publisher is gone is
     /// dropped.
     fn send_receipt(&self, reply_to: String, receipt: Receipt) -> BoxFuture<'_, ()>;
+
+    /// Replies to a control request. Best effort: the requester may be gone.
+    fn send_control_reply(&self, reply_to: String, reply: ControlReply) -> BoxFuture<'_, ()>;
 
     /// Starts consuming `identity`'s mailbox with at most `prefetch` unacked deliveries. The consumer becomes
     /// active only when no other consumer of that mailbox is (single active consumer).
@@ -300,11 +359,42 @@ pub trait Broker: Send + Sync + 'static {
     fn announce(&self, message: ControlMessage) -> BoxFuture<'_, Result<(), BrokerError>>;
 
     /// Control messages from all nodes.
-    fn control_messages(&self) -> broadcast::Receiver<ControlMessage>;
+    fn control_messages(&self) -> broadcast::Receiver<ControlEnvelope>;
 
     /// True while the broker can take publishes and serve consumers.
     fn is_ready(&self) -> bool;
 
+    /// True while the broker blocks this node's publishers (a memory or disk alarm).
+    fn is_blocked(&self) -> bool {
+        false
+    }
+
     /// Closes the broker connections cleanly.
     fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_max() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let first = backoff.fail();
+        assert!(
+            first >= Duration::from_millis(50) && first <= Duration::from_millis(100),
+            "{first:?}"
+        );
+        let second = backoff.fail();
+        assert!(
+            second >= Duration::from_millis(100) && second <= Duration::from_millis(200),
+            "{second:?}"
+        );
+        for _ in 0..5 {
+            assert!(backoff.fail() <= Duration::from_millis(400));
+        }
+        assert_eq!(backoff.failures, 7);
+        backoff.reset();
+        assert!(backoff.fail() <= Duration::from_millis(100));
+    }
 }

@@ -38,8 +38,8 @@ use tokio::sync::{Mutex, broadcast, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{
-    Backoff, BroadcastKey, Broker, BrokerError, ControlMessage, Delivery, DeliveryAcker,
-    Publication, Published, Receipt, Subscription, header,
+    Backoff, BroadcastKey, Broker, BrokerError, ControlEnvelope, ControlMessage, ControlReply,
+    Delivery, DeliveryAcker, Publication, Published, Receipt, Subscription, header,
 };
 use crate::config::{AmqpConfig, MailboxConfig, PublisherMode, redact_url};
 use crate::domain::{Destination, Envelope, Identity};
@@ -233,6 +233,11 @@ impl Publisher {
         &self.topology
     }
 
+    /// True while RabbitMQ blocks this publisher's connection.
+    pub fn is_blocked(&self) -> bool {
+        lock(&self.blocked).is_some()
+    }
+
     /// True while the publisher connection is open.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
@@ -354,26 +359,31 @@ impl Publisher {
     /// Sends a receipt to a direct reply-to address. Best effort: the publisher may be gone.
     pub async fn send_receipt(&self, reply_to: &str, receipt: &Receipt) {
         let body = serde_json::to_vec(receipt).unwrap_or_default();
+        self.send_reply(reply_to, &body, &receipt.message_id).await;
+    }
+
+    /// Publishes `body` to a direct reply-to address. Best effort: the requester may be gone.
+    pub async fn send_reply(&self, reply_to: &str, body: &[u8], message_id: &str) {
         let result = async {
             let (confirms, _) = self.channels().await?;
             let properties = BasicProperties::default()
                 .with_content_type("application/json".into())
-                .with_message_id(receipt.message_id.as_str().into());
-            self.publish_raw(&confirms, "", reply_to, false, &body, properties)
+                .with_message_id(message_id.into());
+            self.publish_raw(&confirms, "", reply_to, false, body, properties)
                 .await
-                .map_err(operation_error("basic.publish", "receipt"))?;
+                .map_err(operation_error("basic.publish", "reply"))?;
             Ok::<(), BrokerError>(())
         };
         if let Err(error) = tokio::time::timeout(self.amqp.publish_timeout, result)
             .await
             .unwrap_or_else(|_| {
                 Err(BrokerError::ConfirmTimeout {
-                    message_id: receipt.message_id.clone(),
+                    message_id: message_id.to_owned(),
                     timeout: humantime::format_duration(self.amqp.publish_timeout).to_string(),
                 })
             })
         {
-            debug!(message_id = %receipt.message_id, %error, "sending a delivery receipt failed");
+            debug!(%message_id, %error, "sending a reply failed");
         }
     }
 
@@ -1032,7 +1042,7 @@ pub struct RabbitBroker {
     publisher: Publisher,
     consumer: Mutex<Option<ConsumerSide>>,
     consumer_connected: Arc<AtomicBool>,
-    control: broadcast::Sender<ControlMessage>,
+    control: broadcast::Sender<ControlEnvelope>,
     broadcasts: broadcast::Sender<Arc<Envelope>>,
     /// Keys this node's broadcast queue is bound to, re-bound after a reconnect.
     broadcast_keys: StdMutex<HashSet<BroadcastKey>>,
@@ -1164,16 +1174,14 @@ impl RabbitBroker {
             )
             .await?;
         let sender = self.control.clone();
-        spawn_node_consumer(
-            control,
-            control_queue,
-            move |data| match serde_json::from_slice::<ControlMessage>(data) {
+        spawn_node_consumer(control, control_queue, move |data, reply_to| {
+            match serde_json::from_slice::<ControlMessage>(data) {
                 Ok(message) => {
-                    let _ = sender.send(message);
+                    let _ = sender.send(ControlEnvelope { message, reply_to });
                 }
                 Err(error) => warn!(%error, "ignoring an invalid control message"),
-            },
-        );
+            }
+        });
 
         let broadcast_queue = topology.broadcast_queue(&self.node);
         let broadcasts = self
@@ -1185,7 +1193,7 @@ impl RabbitBroker {
             )
             .await?;
         let sender = self.broadcasts.clone();
-        spawn_node_consumer(broadcasts, broadcast_queue.clone(), move |data| {
+        spawn_node_consumer(broadcasts, broadcast_queue.clone(), move |data, _| {
             match std::str::from_utf8(data)
                 .map_err(|e| e.to_string())
                 .and_then(|text| Envelope::from_json(text).map_err(|e| e.to_string()))
@@ -1435,11 +1443,16 @@ async fn bind_broadcast_key(
 fn spawn_node_consumer(
     mut consumer: lapin::Consumer,
     queue: String,
-    handle: impl Fn(&[u8]) + Send + 'static,
+    handle: impl Fn(&[u8], Option<String>) + Send + 'static,
 ) {
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
-            handle(&delivery.data);
+            let reply_to = delivery
+                .properties
+                .reply_to()
+                .as_ref()
+                .map(|to| to.as_str().to_owned());
+            handle(&delivery.data, reply_to);
         }
         debug!(queue = %queue, "node queue consumer ended");
     });
@@ -1497,12 +1510,26 @@ impl Broker for RabbitBroker {
         async move { self.publisher.publish_control(&message).await }.boxed()
     }
 
-    fn control_messages(&self) -> broadcast::Receiver<ControlMessage> {
+    fn send_control_reply(&self, reply_to: String, reply: ControlReply) -> BoxFuture<'_, ()> {
+        async move {
+            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            self.publisher
+                .send_reply(&reply_to, &body, "(control reply)")
+                .await
+        }
+        .boxed()
+    }
+
+    fn control_messages(&self) -> broadcast::Receiver<ControlEnvelope> {
         self.control.subscribe()
     }
 
     fn is_ready(&self) -> bool {
         self.publisher.is_connected() && self.consumer_connected.load(Ordering::Relaxed)
+    }
+
+    fn is_blocked(&self) -> bool {
+        self.publisher.is_blocked()
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

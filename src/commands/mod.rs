@@ -4,6 +4,7 @@ pub mod listen;
 pub mod replay_dlq;
 pub mod send;
 pub mod serve;
+pub mod sessions;
 pub mod token;
 
 use std::time::SystemTime;
@@ -26,6 +27,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Send(args) => send::run(&cli.global, args).await,
         Command::Listen(args) => listen::run(&cli.global, args).await,
         Command::ReplayDlq(args) => replay_dlq::run(&cli.global, args).await,
+        Command::Sessions(args) => sessions::run(&cli.global, args).await,
     }
 }
 

@@ -1,7 +1,6 @@
 //! `wsgw serve`: the gateway daemon.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -15,9 +14,6 @@ use crate::credentials;
 use crate::domain::TokenSigner;
 use crate::exit::{CliError, ExitCode};
 use crate::gateway::Gateway;
-
-/// How long shutdown waits for connections and sessions to finish.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> {
@@ -92,8 +88,15 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
         api_keys,
         shutdown,
     );
+    let shutdown_timeout = gateway.config.server.shutdown_timeout;
     info!(listen = %local, public_url = %public_url, node = %node, "listening");
-    gateway.serve(listener, SHUTDOWN_GRACE).await;
+    // The listener is bound and the broker connected: tell systemd (Type=notify) the service is ready.
+    notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
+    spawn_watchdog(gateway.shutdown.clone());
+    gateway.serve(listener, shutdown_timeout).await;
     broker.close().await;
     if let Some(server) = local_server {
         credentials::release_server(&server);
@@ -187,6 +190,29 @@ fn secrets(
     Ok((signer, api_keys, local_server))
 }
 
+/// Sends a state to systemd when it started the service with Type=notify (NOTIFY_SOCKET is set).
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(error) = sd_notify::notify(state) {
+        warn!(%error, "notifying systemd failed");
+    }
+}
+
+/// Pings the systemd watchdog at half its interval when the unit sets WatchdogSec.
+fn spawn_watchdog(shutdown: tokio_util::sync::CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval / 2);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticks.tick() => notify_systemd(&[sd_notify::NotifyState::Watchdog]),
+            }
+        }
+    });
+}
+
 fn spawn_signal_handler(shutdown: tokio_util::sync::CancellationToken) {
     tokio::spawn(async move {
         let terminate = async {
@@ -204,6 +230,7 @@ fn spawn_signal_handler(shutdown: tokio_util::sync::CancellationToken) {
             _ = tokio::signal::ctrl_c() => info!("SIGINT received; shutting down"),
             _ = terminate => info!("SIGTERM received; shutting down"),
         }
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
         shutdown.cancel();
     });
 }

@@ -51,7 +51,8 @@ impl DedupeWindow {
 /// How often each recent messageId was rejected by a client on this node, bounded like [`DedupeWindow`].
 ///
 /// Classic queues on RabbitMQ 3.10 do not count deliveries, so the gateway counts rejections itself. The count
-/// is per node and lost on restart; after a crash a poison message may get `session.max_rejects` more tries.
+/// is per node and lost on restart; after a crash a poison message may get `session.max_rejects` + 1 more
+/// deliveries.
 pub struct RejectCounter {
     capacity: usize,
     counts: Mutex<(std::collections::HashMap<String, u32>, VecDeque<String>)>,

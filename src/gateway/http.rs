@@ -44,8 +44,13 @@ pub async fn route(
     let response = match (request.method(), path.as_str()) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, "ok", None),
         (&Method::GET, "/readyz") => readiness(&gateway),
+        (&Method::GET, "/metrics") => metrics(&gateway),
         (&Method::GET, "/websocket/token") => issue_token(&gateway, &request),
         (&Method::POST, "/api/v1/messages") => publish_message(&gateway, request).await,
+        (&Method::GET, "/api/v1/sessions") => list_sessions(&gateway, &request),
+        (&Method::DELETE, path) if path.starts_with("/api/v1/sessions/") => {
+            kick_session(&gateway, &request)
+        }
         (&Method::GET, path) if path.starts_with("/socket/") => {
             upgrade(gateway, remote, permit, request).await
         }
@@ -63,11 +68,30 @@ pub async fn route(
         ),
         _ => error_response(
             StatusCode::NOT_FOUND,
-            "not found; the gateway serves /websocket/token, /socket/<token>, /healthz and /readyz"
+            "not found; the gateway serves /websocket/token, /socket/<token>, /api/v1/messages, \
+             /api/v1/sessions, /healthz and /readyz"
                 .to_owned(),
         ),
     };
     Ok(response)
+}
+
+/// `GET /metrics`: Prometheus text format. It holds no secrets and needs no API key.
+fn metrics(gateway: &Gateway) -> HttpResponse {
+    gateway
+        .metrics
+        .rabbitmq_connected
+        .set(i64::from(gateway.broker.is_ready()));
+    gateway
+        .metrics
+        .rabbitmq_blocked
+        .set(i64::from(gateway.broker.is_blocked()));
+    let mut response = Response::new(Full::new(Bytes::from(gateway.metrics.encode())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 fn readiness(gateway: &Gateway) -> HttpResponse {
@@ -301,6 +325,42 @@ async fn upgrade(
     response
 }
 
+/// `GET /api/v1/sessions` with an API key: this node's live sessions, in the shape of a control reply.
+fn list_sessions(gateway: &Gateway, request: &Request<Incoming>) -> HttpResponse {
+    if let Some(rejection) = authorize(gateway, request) {
+        return rejection;
+    }
+    let data = json!({
+        "node": gateway.node,
+        "sessions": gateway.registry.views(&gateway.node),
+        "peers": gateway.peers(),
+    });
+    with_json(
+        StatusCode::OK,
+        json!({ "result": 0, "description": "ok", "data": data }),
+    )
+}
+
+/// `DELETE /api/v1/sessions/<sessionId>` with an API key: closes that session with the kicked code.
+fn kick_session(gateway: &Gateway, request: &Request<Incoming>) -> HttpResponse {
+    if let Some(rejection) = authorize(gateway, request) {
+        return rejection;
+    }
+    let session_id = request.uri().path().trim_start_matches("/api/v1/sessions/");
+    if gateway.registry.kick(session_id) {
+        info!(session_id = %session_id, "session kicked by an operator");
+        json_response(StatusCode::OK, "kicked", Some(gateway.node.clone()))
+    } else {
+        error_response(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no session {session_id:?} on node {}; list them with `wsgw sessions`",
+                gateway.node
+            ),
+        )
+    }
+}
+
 /// Longest `wait` the publish API accepts.
 const MAX_PUBLISH_WAIT: Duration = Duration::from_secs(300);
 
@@ -362,6 +422,10 @@ async fn publish_message(gateway: &Gateway, request: Request<Incoming>) -> HttpR
         Err(error) => return error_response(StatusCode::BAD_REQUEST, error.to_string()),
     };
     let direct = publication.destination.is_direct();
+    let business = gateway
+        .metrics
+        .business(&publication.envelope.business_type);
+    let started = std::time::Instant::now();
     let outcome = match wait {
         Some(wait) if direct => gateway.broker.publish_and_wait(publication, wait).await,
         Some(_) => {
@@ -378,6 +442,11 @@ async fn publish_message(gateway: &Gateway, request: Request<Incoming>) -> HttpR
     };
     match outcome {
         Ok((published, receipt)) => {
+            // With `wait` the time includes waiting for the receipt, so it is not a confirm latency.
+            if wait.is_none() {
+                gateway.metrics.observe_confirm(started.elapsed());
+            }
+            gateway.metrics.published.get_or_create(&business).inc();
             let data = json!({
                 "messageId": published.message_id,
                 "timestamp": published.timestamp,

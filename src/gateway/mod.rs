@@ -10,9 +10,11 @@ mod http;
 pub mod registry;
 mod session;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -23,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::broker::{Broker, ControlMessage};
+use crate::broker::{Broker, ControlEnvelope, ControlMessage, ControlReply};
 use crate::config::Config;
 use crate::domain::TokenSigner;
 use auth::UsedTokens;
@@ -52,6 +54,9 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Every connection and session task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    pub metrics: crate::metrics::Metrics,
+    /// Other nodes and when this node last heard their heartbeat.
+    peers: Mutex<HashMap<String, Instant>>,
 }
 
 impl Gateway {
@@ -80,6 +85,8 @@ impl Gateway {
             broadcast_bindings: broadcast::Bindings::default(),
             shutdown,
             tasks: TaskTracker::new(),
+            peers: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::Metrics::new(),
         })
     }
 
@@ -162,32 +169,97 @@ impl Gateway {
         }
     }
 
-    /// Closes local sessions that a newer session of the same identity replaced on another node.
+    /// Handles control messages from all nodes: takeovers close older local sessions, heartbeats record peers,
+    /// and session listings and kicks get a reply. Also sends this node's heartbeat.
     fn spawn_control_listener(self: &Arc<Self>) {
         let gateway = self.clone();
         let mut messages = self.broker.control_messages();
         self.tasks.spawn(async move {
+            let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
             loop {
-                let message = tokio::select! {
+                let received = tokio::select! {
                     _ = gateway.shutdown.cancelled() => break,
-                    message = messages.recv() => message,
-                };
-                match message {
-                    Ok(ControlMessage::Takeover {
-                        identity,
-                        session_id,
-                        node,
-                    }) => {
-                        if gateway.registry.replace_if_older(&identity, &session_id) {
-                            info!(%identity, by_node = %node, "session replaced by a newer connection");
+                    _ = heartbeat.tick() => {
+                        let beat = ControlMessage::Heartbeat { node: gateway.node.clone() };
+                        if let Err(error) = gateway.broker.announce(beat).await {
+                            debug!(%error, "sending the heartbeat failed");
                         }
+                        continue;
                     }
+                    received = messages.recv() => received,
+                };
+                match received {
+                    Ok(envelope) => gateway.handle_control(envelope).await,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
-                        warn!(skipped, "control messages were skipped because this node read them too slowly");
+                        warn!(
+                            skipped,
+                            "control messages were skipped because this node read them too slowly"
+                        );
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 }
             }
         });
     }
+
+    async fn handle_control(&self, envelope: ControlEnvelope) {
+        let reply = match envelope.message {
+            ControlMessage::Takeover {
+                identity,
+                session_id,
+                node,
+            } => {
+                if self.registry.replace_if_older(&identity, &session_id) {
+                    info!(%identity, by_node = %node, "session replaced by a newer connection");
+                }
+                None
+            }
+            ControlMessage::Heartbeat { node } => {
+                if node != self.node {
+                    self.peers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(node, Instant::now());
+                }
+                None
+            }
+            ControlMessage::ListSessions { request_id } => Some(ControlReply::Sessions {
+                request_id,
+                node: self.node.clone(),
+                sessions: self.registry.views(&self.node),
+                peers: self.peers(),
+            }),
+            ControlMessage::Kick {
+                request_id,
+                session_id,
+            } => {
+                let kicked = self.registry.kick(&session_id);
+                if kicked {
+                    info!(session_id = %session_id, "session kicked by an operator");
+                }
+                Some(ControlReply::Kick {
+                    request_id,
+                    node: self.node.clone(),
+                    kicked,
+                })
+            }
+        };
+        if let (Some(reply), Some(reply_to)) = (reply, envelope.reply_to) {
+            self.broker.send_control_reply(reply_to, reply).await;
+        }
+    }
+
+    /// Nodes this node heard a heartbeat from within [`PEER_TIMEOUT`].
+    pub fn peers(&self) -> Vec<String> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.retain(|_, seen| seen.elapsed() < PEER_TIMEOUT);
+        let mut names: Vec<String> = peers.keys().cloned().collect();
+        names.sort();
+        names
+    }
 }
+
+/// How often a node announces that it is alive.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a node counts as a peer after its last heartbeat.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);

@@ -10,8 +10,12 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
+
+use crate::broker::SessionView;
+use crate::domain::envelope::unix_millis;
 
 use crate::domain::frame::close_code;
 use crate::domain::{Envelope, Identity};
@@ -46,8 +50,17 @@ impl SessionInfo {
     }
 }
 
+/// Counters a session updates as it works.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    pub pushed: AtomicU64,
+    pub acked: AtomicU64,
+    pub pending: AtomicU64,
+}
+
 struct Entry {
     info: SessionInfo,
+    stats: Arc<SessionStats>,
     commands: mpsc::Sender<SessionCommand>,
     broadcasts: mpsc::Sender<Arc<Envelope>>,
 }
@@ -71,14 +84,17 @@ impl Registry {
     ) -> (
         mpsc::Receiver<SessionCommand>,
         mpsc::Receiver<Arc<Envelope>>,
+        Arc<SessionStats>,
     ) {
         let (commands, command_receiver) = mpsc::channel(COMMAND_BUFFER);
+        let stats = Arc::new(SessionStats::default());
         let (broadcasts, broadcast_receiver) = mpsc::channel(broadcast_buffer.max(1));
         let identity = info.identity.clone();
         let previous = self.lock().insert(
             identity,
             Entry {
                 info,
+                stats: stats.clone(),
                 commands,
                 broadcasts,
             },
@@ -86,7 +102,43 @@ impl Registry {
         if let Some(previous) = previous {
             send_replaced(&previous.commands);
         }
-        (command_receiver, broadcast_receiver)
+        (command_receiver, broadcast_receiver, stats)
+    }
+
+    /// Closes the session with this id with the kicked code. Returns false when no such session is here.
+    pub fn kick(&self, session_id: &str) -> bool {
+        let sessions = self.lock();
+        let Some(entry) = sessions
+            .values()
+            .find(|entry| entry.info.session_id == session_id)
+        else {
+            return false;
+        };
+        let _ = entry.commands.try_send(SessionCommand::Close {
+            code: close_code::KICKED,
+            reason: "closed by an operator; reconnect later".to_owned(),
+        });
+        true
+    }
+
+    /// The live sessions as `wsgw sessions` shows them.
+    pub fn views(&self, node: &str) -> Vec<SessionView> {
+        self.lock()
+            .values()
+            .map(|entry| SessionView {
+                session_id: entry.info.session_id.clone(),
+                unique_id: entry.info.identity.unique_id.clone(),
+                client_type: entry.info.identity.client_type.clone(),
+                node: node.to_owned(),
+                remote: entry.info.remote.to_string(),
+                connected_at: unix_millis(entry.info.connected_at),
+                pushed: entry.stats.pushed.load(Ordering::Relaxed),
+                acked: entry.stats.acked.load(Ordering::Relaxed),
+                pending: entry.stats.pending.load(Ordering::Relaxed),
+                tags: entry.info.tags.clone(),
+                businesses: entry.info.businesses.clone(),
+            })
+            .collect()
     }
 
     /// Queues a broadcast for every session that wants it. Returns how many sessions got it and the
@@ -182,7 +234,7 @@ mod tests {
     #[test]
     fn register_replaces_older_session() {
         let registry = Registry::default();
-        let (mut first, _) = registry.register(info("a"), 4);
+        let (mut first, _, _) = registry.register(info("a"), 4);
         let _second = registry.register(info("b"), 4);
         let command = first.try_recv().expect("replaced command");
         assert!(matches!(
@@ -198,7 +250,7 @@ mod tests {
     #[test]
     fn late_announcement_of_older_session_is_ignored() {
         let registry = Registry::default();
-        let (mut current, _) = registry.register(info("b"), 4);
+        let (mut current, _, _) = registry.register(info("b"), 4);
         assert!(!registry.replace_if_older(&info("a").identity, "a"));
         assert!(current.try_recv().is_err());
         assert!(registry.replace_if_older(&info("a").identity, "c"));

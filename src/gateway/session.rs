@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use futures_util::SinkExt;
@@ -26,7 +27,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::Gateway;
-use super::registry::{SessionCommand, SessionInfo};
+use super::registry::{SessionCommand, SessionInfo, SessionStats};
 use crate::broker::{
     Backoff, BroadcastKey, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication,
     Receipt, Subscription,
@@ -46,6 +47,8 @@ struct Pending {
     acker: Box<dyn DeliveryAcker>,
     /// Where the publisher wants the delivery receipt, if it asked for one.
     reply_to: Option<String>,
+    business_type: String,
+    pushed_at: std::time::Instant,
 }
 
 /// How many recent broadcast messageIds a session remembers, so the client's acks of them are accepted.
@@ -86,7 +89,7 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
                 .map(BroadcastKey::Business),
         )
         .collect();
-    let (mut commands, broadcasts) = gateway
+    let (mut commands, broadcasts, stats) = gateway
         .registry
         .register(info, gateway.config.session.broadcast_buffer);
     gateway
@@ -94,6 +97,8 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
         .acquire(&gateway, &broadcast_keys)
         .await;
     info!(%identity, session_id = %session_id, %remote, "session opened");
+    gateway.metrics.sessions.inc();
+    gateway.metrics.connects.inc();
 
     let (mut sink, stream) = socket.split();
     let announcement = ControlMessage::Takeover {
@@ -135,6 +140,7 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
                 invalid_frames: 0,
                 sends_in_flight: 0,
                 outcomes,
+                stats,
                 consumer_tag: consumer_tag.clone(),
                 release: Some(release),
             };
@@ -167,6 +173,8 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
         }
     };
 
+    gateway.metrics.sessions.dec();
+    gateway.metrics.disconnect(disconnect_reason(&end));
     match &end {
         End::Close(code, reason) => {
             close(&mut sink, *code, reason, &gateway).await;
@@ -206,6 +214,8 @@ struct Session {
     invalid_frames: u32,
     sends_in_flight: usize,
     outcomes: mpsc::Sender<ServerFrame>,
+    /// Counters shown by `wsgw sessions`.
+    stats: Arc<SessionStats>,
     consumer_tag: String,
     /// Cancels the current mailbox consumer; None while the session waits to resubscribe.
     release: Option<BoxFuture<'static, ()>>,
@@ -234,17 +244,34 @@ impl Session {
         let mut resubscribe_at: Option<Instant> = None;
         let amqp = &self.gateway.config.amqp;
         let mut backoff = Backoff::new(amqp.reconnect_min_backoff, amqp.reconnect_max_backoff);
+        // On shutdown the session stops pushing and gives the client `session.shutdown_grace` to ack what it has;
+        // what stays unacked returns to the mailbox when the subscription is released.
+        let mut drain_deadline: Option<Instant> = None;
+        let going_away = || {
+            End::Close(
+                close_code::GOING_AWAY,
+                "the gateway is shutting down; reconnect".to_owned(),
+            )
+        };
         loop {
+            if drain_deadline.is_some() && self.pending.is_empty() {
+                return going_away();
+            }
             let deadline = pong_deadline.unwrap_or(next_ping);
+            let draining = drain_deadline.is_some();
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    return End::Close(close_code::GOING_AWAY, "the gateway is shutting down; reconnect".to_owned());
+                _ = shutdown.cancelled(), if !draining => {
+                    drain_deadline = Some(Instant::now() + config.shutdown_grace);
+                    continue;
+                }
+                _ = sleep_until(drain_deadline.unwrap_or(next_ping)), if draining => {
+                    return going_away();
                 }
                 command = commands.recv() => match command {
                     Some(SessionCommand::Close { code, reason }) => return End::Close(code, reason),
                     None => return End::Gone("session registry dropped".to_owned()),
                 },
-                Some(envelope) = broadcasts.recv() => {
+                Some(envelope) = broadcasts.recv(), if !draining => {
                     if let Err(end) = self.push_broadcast(sink, &envelope).await {
                         return end;
                     }
@@ -255,7 +282,7 @@ impl Session {
                         return end;
                     }
                 }
-                delivery = deliveries.next() => match delivery {
+                delivery = deliveries.next(), if !draining => match delivery {
                     Some(delivery) => {
                         if let Err(end) = self.push(sink, delivery).await {
                             return end;
@@ -273,12 +300,13 @@ impl Session {
                             "mailbox consumer ended; resubscribing"
                         );
                         self.pending.clear();
+                        self.stats.pending.store(0, Ordering::Relaxed);
                         self.release().await;
                         deliveries = stream::pending().boxed();
                         resubscribe_at = Some(Instant::now() + delay);
                     }
                 },
-                _ = sleep_until(resubscribe_at.unwrap_or(next_ping)), if resubscribe_at.is_some() => {
+                _ = sleep_until(resubscribe_at.unwrap_or(next_ping)), if resubscribe_at.is_some() && !draining => {
                     let window = self.gateway.config.session.pending_ack_window;
                     match self.gateway.broker.subscribe(&self.identity, &self.consumer_tag, window).await {
                         Ok(Subscription { deliveries: resumed, release }) => {
@@ -351,6 +379,12 @@ impl Session {
                     %reason,
                     "dead-lettering an invalid message from the mailbox"
                 );
+                let business = self.gateway.metrics.business("invalid");
+                self.gateway
+                    .metrics
+                    .dead_lettered
+                    .get_or_create(&business)
+                    .inc();
                 if let Err(error) = delivery.acker.dead_letter().await {
                     warn!(identity = %self.identity, %error, "dead-lettering failed; the broker will redeliver");
                 }
@@ -358,6 +392,20 @@ impl Session {
             }
         };
         let message_id = envelope.id().to_owned();
+        let business = self.gateway.metrics.business(&envelope.business_type);
+        self.gateway
+            .metrics
+            .delivered
+            .get_or_create(&business)
+            .inc();
+        if delivery.redelivered {
+            self.gateway
+                .metrics
+                .redelivered
+                .get_or_create(&business)
+                .inc();
+        }
+        let business_type = envelope.business_type.clone();
         let frame = ServerFrame::Message {
             redelivered: delivery.redelivered,
             replay_count: delivery.replay_count,
@@ -367,7 +415,13 @@ impl Session {
             message_id: message_id.clone(),
             acker: delivery.acker,
             reply_to: delivery.reply_to,
+            business_type,
+            pushed_at: std::time::Instant::now(),
         });
+        self.stats.pushed.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .pending
+            .store(self.pending.len() as u64, Ordering::Relaxed);
         debug!(identity = %self.identity, %message_id, redelivered = delivery.redelivered, "pushing message");
         self.send(sink, &frame).await
     }
@@ -378,6 +432,12 @@ impl Session {
             self.recent_broadcasts.pop_front();
         }
         self.recent_broadcasts.push_back(envelope.id().to_owned());
+        let business = self.gateway.metrics.business(&envelope.business_type);
+        self.gateway
+            .metrics
+            .delivered
+            .get_or_create(&business)
+            .inc();
         let frame = ServerFrame::Message {
             redelivered: false,
             replay_count: 0,
@@ -408,6 +468,14 @@ impl Session {
     }
 
     fn take_pending(&mut self, message_id: &str) -> Option<Pending> {
+        let taken = self.take_pending_entry(message_id);
+        self.stats
+            .pending
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+        taken
+    }
+
+    fn take_pending_entry(&mut self, message_id: &str) -> Option<Pending> {
         let position = self
             .pending
             .iter()
@@ -423,6 +491,13 @@ impl Session {
             return self.unknown_message_id(sink, message_id).await;
         };
         // The client has the message: only now does it leave RabbitMQ.
+        self.stats.acked.fetch_add(1, Ordering::Relaxed);
+        let business = self.gateway.metrics.business(&pending.business_type);
+        self.gateway.metrics.acked.get_or_create(&business).inc();
+        self.gateway
+            .metrics
+            .ack_latency
+            .observe(pending.pushed_at.elapsed().as_secs_f64());
         if let Err(error) = pending.acker.ack().await {
             warn!(identity = %self.identity, message_id = %message_id, %error, "ack failed; the message will be redelivered");
             return Ok(());
@@ -519,8 +594,12 @@ impl Session {
         let sender = self.identity.clone();
         let outcomes = self.outcomes.clone();
         self.gateway.tasks.spawn(async move {
+            let business = gateway.metrics.business(&publication.envelope.business_type);
+            let started = std::time::Instant::now();
             let frame = match gateway.broker.publish(publication).await {
                 Ok(_) => {
+                    gateway.metrics.observe_confirm(started.elapsed());
+                    gateway.metrics.published.get_or_create(&business).inc();
                     gateway.dedupe.insert(&sender, &message_id);
                     ServerFrame::Ack { message_id }
                 }
@@ -547,12 +626,20 @@ impl Session {
         let Some(pending) = self.take_pending(&message_id) else {
             return self.unknown_message_id(sink, message_id).await;
         };
-        let rejections = self.gateway.rejections.reject(&message_id);
+        // Counted per recipient, because copies of one message to several client types share the messageId.
+        let counted = format!("{}/{message_id}", self.identity);
+        let rejections = self.gateway.rejections.reject(&counted);
         let limit = self.gateway.config.session.max_rejects;
         if rejections > limit {
             // Past the retry budget the message goes to the dead-letter queue (reason `rejected`), never loops.
             info!(identity = %self.identity, message_id = %message_id, %reason, rejections, "client rejected a message too often; dead-lettering it");
-            self.gateway.rejections.forget(&message_id);
+            self.gateway.rejections.forget(&counted);
+            let business = self.gateway.metrics.business(&pending.business_type);
+            self.gateway
+                .metrics
+                .dead_lettered
+                .get_or_create(&business)
+                .inc();
             if let Err(error) = pending.acker.dead_letter().await {
                 warn!(identity = %self.identity, message_id = %message_id, %error, "dead-lettering failed; the message will be redelivered");
             }
@@ -618,6 +705,23 @@ impl Session {
                 humantime::format_duration(timeout)
             ))),
         }
+    }
+}
+
+/// The `reason` label of the disconnects counter.
+fn disconnect_reason(end: &End) -> &'static str {
+    match end {
+        End::Close(close_code::REPLACED, _) => "replaced",
+        End::Close(close_code::KICKED, _) => "kicked",
+        End::Close(close_code::PONG_TIMEOUT, _) => "pong_timeout",
+        End::Close(close_code::GOING_AWAY, _) => "shutdown",
+        End::Close(close_code::POLICY_VIOLATION, _) => "policy_violation",
+        End::Close(close_code::MESSAGE_TOO_BIG, _) => "message_too_big",
+        End::Close(close_code::BROKER_UNAVAILABLE, _) => "broker_unavailable",
+        End::Close(..) => "other",
+        End::ClientClosed => "client_closed",
+        End::Gone(reason) if reason.contains("slow client") => "slow_client",
+        End::Gone(_) => "connection_lost",
     }
 }
 
