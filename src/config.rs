@@ -731,6 +731,7 @@ mod tests {
         let samples = |key: &str| -> &'static str {
             match key {
                 "server.listen" => "127.0.0.1:1",
+                "server.shutdown_timeout" => "1m",
                 "auth.max_token_ttl" => "2h",
                 "mailbox.expires" => "30d",
                 "auth.api_keys" => "[\"k\"]",
@@ -753,7 +754,6 @@ mod tests {
                 | "session.max_invalid_frames" => "7",
                 "policy.client_to_client" => "{ h5 = [\"h5\"], app = [\"*\"] }",
                 "amqp.publisher_mode" => "transactions",
-                "server.shutdown_timeout" => "1m",
                 "server.public_url" => "wss://push.example.com",
                 "amqp.url" => "amqp://guest:guest@127.0.0.1:5672/%2f",
                 "auth.token_secret" => "0123456789abcdef0123456789abcdef",
