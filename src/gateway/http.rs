@@ -69,14 +69,14 @@ pub async fn route(
         _ => error_response(
             StatusCode::NOT_FOUND,
             "not found; the gateway serves /websocket/token, /socket/<token>, /api/v1/messages, \
-             /api/v1/sessions, /healthz and /readyz"
+             /api/v1/sessions, /metrics, /healthz and /readyz"
                 .to_owned(),
         ),
     };
     Ok(response)
 }
 
-/// `GET /metrics`: Prometheus text format. It holds no secrets and needs no API key.
+/// `GET /metrics`: OpenMetrics text, which Prometheus reads. It holds no secrets and needs no API key.
 fn metrics(gateway: &Gateway) -> HttpResponse {
     gateway
         .metrics
@@ -89,7 +89,7 @@ fn metrics(gateway: &Gateway) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::from(gateway.metrics.encode())));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
 }

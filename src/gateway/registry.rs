@@ -114,11 +114,14 @@ impl Registry {
         else {
             return false;
         };
-        let _ = entry.commands.try_send(SessionCommand::Close {
-            code: close_code::KICKED,
-            reason: "closed by an operator; reconnect later".to_owned(),
-        });
-        true
+        // A full or closed command queue means the session is already closing.
+        entry
+            .commands
+            .try_send(SessionCommand::Close {
+                code: close_code::KICKED,
+                reason: "closed by an operator; reconnect later".to_owned(),
+            })
+            .is_ok()
     }
 
     /// The live sessions as `wsgw sessions` shows them.
