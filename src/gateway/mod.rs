@@ -125,6 +125,8 @@ impl Gateway {
                 gateway.serve_connection(stream, remote, permit).await;
             });
         }
+        // Closing the listener makes new connections fail at once instead of waiting in the backlog.
+        drop(listener);
         info!(
             open_tasks = self.tasks.len(),
             "stopped accepting connections"
