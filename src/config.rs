@@ -31,6 +31,7 @@ pub const KEYS: &[&str] = &[
     "amqp.connect_timeout",
     "amqp.publish_timeout",
     "amqp.publisher_mode",
+    "amqp.sessions_per_connection",
     "amqp.reconnect_min_backoff",
     "amqp.reconnect_max_backoff",
     "mailbox.message_ttl",
@@ -169,6 +170,9 @@ pub struct AmqpConfig {
     pub connect_timeout: Duration,
     /// How publishes are confirmed: `confirms` or `transactions`.
     pub publisher_mode: PublisherMode,
+    /// Sessions per consumer connection. Each session takes a channel and RabbitMQ allows 2,047 channels per
+    /// connection by default, so a node opens another connection past this many.
+    pub sessions_per_connection: usize,
     /// Deadline for one publish, from write to broker confirm, including republishing after a lost connection.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
@@ -283,6 +287,7 @@ impl Default for AmqpConfig {
             prefix: "wsgw".to_owned(),
             connect_timeout: Duration::from_secs(10),
             publisher_mode: PublisherMode::Confirms,
+            sessions_per_connection: 2_000,
             publish_timeout: Duration::from_secs(5),
             reconnect_min_backoff: Duration::from_millis(200),
             reconnect_max_backoff: Duration::from_secs(30),
@@ -297,6 +302,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("prefix", &self.prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("publisher_mode", &self.publisher_mode)
+            .field("sessions_per_connection", &self.sessions_per_connection)
             .field("publish_timeout", &self.publish_timeout)
             .field("reconnect_min_backoff", &self.reconnect_min_backoff)
             .field("reconnect_max_backoff", &self.reconnect_max_backoff)
@@ -439,6 +445,13 @@ impl Config {
                 "amqp.reconnect_min_backoff",
                 humantime::format_duration(self.amqp.reconnect_min_backoff).to_string(),
                 "must be above zero and at most amqp.reconnect_max_backoff",
+            );
+        }
+        if !(1..=2_047).contains(&self.amqp.sessions_per_connection) {
+            invalid(
+                "amqp.sessions_per_connection",
+                self.amqp.sessions_per_connection.to_string(),
+                "must be between 1 and 2047, RabbitMQ's default channel limit per connection",
             );
         }
         if self.session.pending_ack_window == 0 {
@@ -754,6 +767,7 @@ mod tests {
                 | "session.max_invalid_frames" => "7",
                 "policy.client_to_client" => "{ h5 = [\"h5\"], app = [\"*\"] }",
                 "amqp.publisher_mode" => "transactions",
+                "amqp.sessions_per_connection" => "100",
                 "server.public_url" => "wss://push.example.com",
                 "amqp.url" => "amqp://guest:guest@127.0.0.1:5672/%2f",
                 "auth.token_secret" => "0123456789abcdef0123456789abcdef",

@@ -761,3 +761,39 @@ both_modes!(
     s07_lost_confirm_is_republished,
     s10_mailbox_limit_and_poison_message_lose_nothing,
 );
+
+#[tokio::test]
+async fn sessions_spread_over_several_connections() {
+    require_rabbitmq!();
+    let _serial = BROKER_FAULTS.lock().await;
+    let env = TestEnv::new().with_env("WSGW_AMQP_SESSIONS_PER_CONNECTION", "3");
+    let server = env.serve("spread-node");
+    let publisher = env.publisher().await;
+    let mut clients = Vec::new();
+    let mut identities = Vec::new();
+    for _ in 0..10 {
+        let identity = env.identity("h5");
+        clients.push(
+            Client::connect(&env.connection_url(&server, &identity))
+                .await
+                .expect("connect"),
+        );
+        identities.push(identity);
+    }
+    for (client, identity) in clients.iter_mut().zip(&identities) {
+        let id = common::publish_to(&publisher, identity, json!("spread")).await;
+        let message = next_message(client).await;
+        assert_eq!(message.envelope.id(), id);
+        client.ack(&id).await.expect("ack");
+    }
+    let listing = Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "client_properties"])
+        .output()
+        .expect("rabbitmqctl list_connections");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let session_connections = listing.matches("\"wsgw spread-node sessions ").count();
+    assert_eq!(session_connections, 4, "10 sessions at 3 per connection");
+    for client in clients {
+        client.close().await.expect("close");
+    }
+}

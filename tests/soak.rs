@@ -150,8 +150,8 @@ async fn soak_with_connection_closes_kill_and_client_drops() {
                     .await
                     .expect("join");
                 assert_eq!(
-                    closed, 2,
-                    "the gateway's publisher and consumer connections"
+                    closed, 3,
+                    "the gateway's publisher, consumer and session connections"
                 );
             }
             1 => {

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Instant;
 
@@ -1048,6 +1048,8 @@ pub struct RabbitBroker {
     broadcast_keys: StdMutex<HashSet<BroadcastKey>>,
     /// Set by `close`, so the supervisor does not reconnect.
     closed: AtomicBool,
+    /// Connections that carry the sessions' mailbox channels, opened as sessions need them.
+    session_connections: Mutex<Vec<SessionConnection>>,
 }
 
 /// How often the supervisor checks the connections while they are up.
@@ -1084,6 +1086,7 @@ impl RabbitBroker {
             broadcasts: broadcast::channel(FANOUT_BUFFER).0,
             broadcast_keys: StdMutex::new(HashSet::new()),
             closed: AtomicBool::new(false),
+            session_connections: Mutex::new(Vec::new()),
         };
         broker.consumer_side().await?;
         Ok(broker)
@@ -1222,6 +1225,28 @@ impl RabbitBroker {
         Ok((connection, bindings))
     }
 
+    /// A session connection with room for one more session channel, opened when all are full or lost. A lost
+    /// connection is dropped from the list; its sessions resubscribe and land on a live one.
+    async fn session_connection(&self) -> Result<(Arc<Connection>, Arc<AtomicUsize>), BrokerError> {
+        let mut connections = self.session_connections.lock().await;
+        connections.retain(|session| session.connection.status().connected());
+        if let Some(session) = connections.iter().find(|session| {
+            session.sessions.load(Ordering::Relaxed) < self.amqp.sessions_per_connection
+        }) {
+            session.sessions.fetch_add(1, Ordering::Relaxed);
+            return Ok((session.connection.clone(), session.sessions.clone()));
+        }
+        let name = format!("wsgw {} sessions {}", self.node, connections.len() + 1);
+        let connection = Arc::new(open_connection(&self.url, &self.amqp, &name).await?);
+        info!(node = %self.node, connection = %name, "opened a session connection");
+        let sessions = Arc::new(AtomicUsize::new(1));
+        connections.push(SessionConnection {
+            connection: connection.clone(),
+            sessions: sessions.clone(),
+        });
+        Ok((connection, sessions))
+    }
+
     /// Declares an exclusive queue of this node, bound to `exchange`, and consumes it without acks.
     async fn consume_node_queue(
         &self,
@@ -1291,11 +1316,13 @@ impl RabbitBroker {
         prefetch: u16,
     ) -> Result<Subscription, BrokerError> {
         let queue = identity.mailbox_queue(&self.publisher.topology().prefix);
-        let connection = self.consumer_connection().await?;
+        let (connection, sessions) = self.session_connection().await?;
+        // Counted from here, so a failure below gives the slot back when `slot` drops.
+        let slot = SessionSlot(sessions);
         let channel = connection
             .create_channel()
             .await
-            .map_err(operation_error("channel.open", "consumer connection"))?;
+            .map_err(operation_error("channel.open", "session connection"))?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -1327,6 +1354,7 @@ impl RabbitBroker {
             if let Err(error) = channel.close(200, "session closed".into()).await {
                 debug!(queue = %queue, %error, "closing a session channel failed; the broker requeues on connection loss");
             }
+            drop(slot);
         }
         .boxed();
         Ok(Subscription {
@@ -1539,8 +1567,28 @@ impl Broker for RabbitBroker {
             if let Some(side) = self.consumer.lock().await.take() {
                 let _ = side.connection.close(200, "closing".into()).await;
             }
+            let sessions: Vec<SessionConnection> =
+                self.session_connections.lock().await.drain(..).collect();
+            for session in sessions {
+                let _ = session.connection.close(200, "closing".into()).await;
+            }
             self.consumer_connected.store(false, Ordering::Relaxed);
         }
         .boxed()
+    }
+}
+
+/// A connection that carries session channels, with the number of sessions on it.
+struct SessionConnection {
+    connection: Arc<Connection>,
+    sessions: Arc<AtomicUsize>,
+}
+
+/// One session's place on a session connection; dropping it frees the place.
+struct SessionSlot(Arc<AtomicUsize>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
