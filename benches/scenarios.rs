@@ -855,21 +855,32 @@ async fn broadcast() -> Result<()> {
     let tags = vec!["bench".to_owned()];
     let (sockets, _) = connect_idle(clients, |i| gateway.url(&ids[i], &tags)).await?;
     let receipts = Receipts::new(clients * rounds);
+    let welcomed = Arc::new(AtomicU64::new(0));
     for mut socket in sockets {
         let receipts = receipts.clone();
+        let welcomed = welcomed.clone();
         tokio::spawn(async move {
             while let Some(Ok(message)) = socket.next().await {
                 if let Message::Text(text) = message {
                     if let Ok(value) = serde_json::from_str::<serde_json::Value>(text.as_str()) {
                         if value["type"] == "message" {
                             receipts.record(sent_at(&value["message"]["content"]));
+                        } else if value["type"] == "welcome" {
+                            welcomed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
             }
         });
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A session takes broadcasts once its mailbox consumer is set up, which its welcome frame announces.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while welcomed.load(Ordering::Relaxed) < clients as u64 {
+        if Instant::now() > deadline {
+            return Err("not every session was welcomed within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let publisher = Publisher::connect(
         &url,
         &amqp_config(&prefix, PublisherMode::Confirms),

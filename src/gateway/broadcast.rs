@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
 use super::Gateway;
+use super::registry::PreparedBroadcast;
 use crate::broker::BroadcastKey;
 
 /// How many local sessions need each binding.
@@ -65,7 +66,9 @@ pub fn spawn_fan_out(gateway: &Arc<Gateway>) {
             };
             match received {
                 Ok(envelope) => {
-                    let (reached, skipped) = gateway.registry.fan_out(&envelope);
+                    // Serialized once here, not once per session.
+                    let prepared = Arc::new(PreparedBroadcast::new(&envelope));
+                    let (reached, skipped) = gateway.registry.fan_out(&envelope, &prepared);
                     debug!(message_id = %envelope.id(), reached, "broadcast fanned out");
                     for identity in skipped {
                         warn!(%identity, message_id = %envelope.id(), "broadcast skipped: the session's broadcast queue is full");

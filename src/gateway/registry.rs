@@ -50,6 +50,30 @@ impl SessionInfo {
     }
 }
 
+/// A broadcast serialized once for all the sessions it goes to.
+#[derive(Debug)]
+pub struct PreparedBroadcast {
+    pub message_id: String,
+    pub business_type: String,
+    /// The whole `message` frame as JSON text.
+    pub frame: tokio_tungstenite::tungstenite::Utf8Bytes,
+}
+
+impl PreparedBroadcast {
+    pub fn new(envelope: &Envelope) -> PreparedBroadcast {
+        let frame = crate::domain::ServerFrame::Message {
+            redelivered: false,
+            replay_count: 0,
+            message: envelope.clone(),
+        };
+        PreparedBroadcast {
+            message_id: envelope.id().to_owned(),
+            business_type: envelope.business_type.clone(),
+            frame: frame.to_json().into(),
+        }
+    }
+}
+
 /// Counters a session updates as it works.
 #[derive(Debug, Default)]
 pub struct SessionStats {
@@ -62,7 +86,7 @@ struct Entry {
     info: SessionInfo,
     stats: Arc<SessionStats>,
     commands: mpsc::Sender<SessionCommand>,
-    broadcasts: mpsc::Sender<Arc<Envelope>>,
+    broadcasts: mpsc::Sender<Arc<PreparedBroadcast>>,
 }
 
 /// Capacity of a session's command queue. Commands only close sessions, so a few suffice.
@@ -83,7 +107,7 @@ impl Registry {
         broadcast_buffer: usize,
     ) -> (
         mpsc::Receiver<SessionCommand>,
-        mpsc::Receiver<Arc<Envelope>>,
+        mpsc::Receiver<Arc<PreparedBroadcast>>,
         Arc<SessionStats>,
     ) {
         let (commands, command_receiver) = mpsc::channel(COMMAND_BUFFER);
@@ -146,12 +170,12 @@ impl Registry {
 
     /// Queues a broadcast for every session that wants it. Returns how many sessions got it and the
     /// identities whose queue was full (they miss it: broadcasts are at-most-once).
-    pub fn fan_out(&self, envelope: &Arc<Envelope>) -> (usize, Vec<Identity>) {
+    pub fn fan_out(&self, envelope: &Envelope, prepared: &Arc<PreparedBroadcast>) -> (usize, Vec<Identity>) {
         let sessions = self.lock();
         let mut reached = 0;
         let mut skipped = Vec::new();
         for entry in sessions.values().filter(|entry| entry.info.wants(envelope)) {
-            match entry.broadcasts.try_send(envelope.clone()) {
+            match entry.broadcasts.try_send(prepared.clone()) {
                 Ok(()) => reached += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     skipped.push(entry.info.identity.clone())

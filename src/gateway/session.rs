@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::Gateway;
-use super::registry::{SessionCommand, SessionInfo, SessionStats};
+use super::registry::{PreparedBroadcast, SessionCommand, SessionInfo, SessionStats};
 use crate::broker::{
     Backoff, BroadcastKey, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication,
     Receipt, Subscription,
@@ -200,7 +200,7 @@ struct Inputs<'a> {
     stream: SplitStream<Socket>,
     deliveries: BoxStream<'static, Delivery>,
     commands: &'a mut mpsc::Receiver<SessionCommand>,
-    broadcasts: mpsc::Receiver<Arc<Envelope>>,
+    broadcasts: mpsc::Receiver<Arc<PreparedBroadcast>>,
     /// Results of the client's sends, as the frames to answer with.
     outcomes: mpsc::Receiver<ServerFrame>,
 }
@@ -427,23 +427,18 @@ impl Session {
     }
 
     /// Pushes a broadcast. It is not in any mailbox, so the client's ack only needs to be recognised.
-    async fn push_broadcast(&mut self, sink: &mut Sink, envelope: &Envelope) -> Result<(), End> {
+    async fn push_broadcast(&mut self, sink: &mut Sink, broadcast: &PreparedBroadcast) -> Result<(), End> {
         if self.recent_broadcasts.len() == RECENT_BROADCASTS {
             self.recent_broadcasts.pop_front();
         }
-        self.recent_broadcasts.push_back(envelope.id().to_owned());
-        let business = self.gateway.metrics.business(&envelope.business_type);
+        self.recent_broadcasts.push_back(broadcast.message_id.clone());
+        let business = self.gateway.metrics.business(&broadcast.business_type);
         self.gateway
             .metrics
             .delivered
             .get_or_create(&business)
             .inc();
-        let frame = ServerFrame::Message {
-            redelivered: false,
-            replay_count: 0,
-            message: envelope.clone(),
-        };
-        self.send(sink, &frame).await
+        self.send_message(sink, Message::Text(broadcast.frame.clone())).await
     }
 
     async fn handle_text(&mut self, sink: &mut Sink, text: &str) -> Result<(), End> {
