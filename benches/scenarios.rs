@@ -10,7 +10,8 @@
 //! ```
 //!
 //! RabbitMQ is taken from WSGW_BENCH_AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/%2f. Sizes can be changed
-//! with WSGW_BENCH_CLIENTS, WSGW_BENCH_MESSAGES and WSGW_BENCH_SESSIONS.
+//! with WSGW_BENCH_CLIENTS, WSGW_BENCH_MESSAGES, WSGW_BENCH_SESSIONS and WSGW_BENCH_RABBIT_SESSIONS (0 skips the
+//! RabbitMQ part of `sessions`). WSGW_BENCH_WRAP runs each gateway under a profiler command.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -144,7 +145,18 @@ impl Gateway {
         let port = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
         let address = format!("127.0.0.1:{port}");
         let state = tempfile::tempdir()?;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_wsgw"));
+        // WSGW_BENCH_WRAP runs the gateway under a profiler, such as
+        // "valgrind --tool=massif --massif-out-file=/tmp/wsgw.massif".
+        let wrap = std::env::var("WSGW_BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(words).arg(env!("CARGO_BIN_EXE_wsgw"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_wsgw")),
+        };
         command
             .args(["-q", "serve", "--listen", &address, "--node-name", prefix])
             .env("WSGW_AMQP_PREFIX", prefix)
@@ -193,6 +205,21 @@ impl Gateway {
                 return Err("the gateway did not become ready within 30 s".into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the gateway with SIGTERM, as systemd does, so a profiler it runs under can write its report.
+    async fn stop(mut self) {
+        let pid = self.pid() as i32;
+        // SAFETY: kill only sends a signal to the child this struct started.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        if tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
         }
     }
 
@@ -688,7 +715,10 @@ fn rabbitmq_memory() -> u64 {
 async fn sessions() -> Result<()> {
     let count = setting("WSGW_BENCH_SESSIONS", 15_000);
     println!("scenario sessions, part 1: {count} idle sessions on the in-process broker");
-    let quiet = [("WSGW_SESSION_PING_INTERVAL", "10m")];
+    let quiet = [
+        ("WSGW_SESSION_PING_INTERVAL", "10m"),
+        ("WSGW_SERVER_MAX_CONNECTIONS", "20000"),
+    ];
 
     // Baseline: a bare tokio-tungstenite server with the gateway's buffer sizes, in its own process.
     let port = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
@@ -723,10 +753,17 @@ async fn sessions() -> Result<()> {
     println!(
         "wsgw (in-process broker): {wsgw_per_session:.0} bytes per session, {rate:.0} sessions/s"
     );
+    gateway.stop().await;
     drop(sockets);
-    drop(gateway);
 
     let rabbit_count = setting("WSGW_BENCH_RABBIT_SESSIONS", 4_000);
+    if rabbit_count == 0 {
+        println!(
+            "summary: sessions ratio={:.2} wsgw={wsgw_per_session:.0}B/session baseline={baseline_per_session:.0}B/session",
+            wsgw_per_session / baseline_per_session.max(1.0)
+        );
+        return Ok(());
+    }
     println!("scenario sessions, part 2: {rabbit_count} idle sessions on RabbitMQ");
     let url = amqp_url();
     let prefix = unique("bench-rsessions");
@@ -750,10 +787,17 @@ async fn sessions() -> Result<()> {
     let topology = Topology {
         prefix: prefix.clone(),
     };
-    let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
+    // Like the gateway, 2,000 channels per connection: RabbitMQ allows 2,047.
+    let mut connections: Vec<Connection> = Vec::new();
     let started = Instant::now();
     let mut channels = Vec::new();
-    for identity in &ids {
+    for (index, identity) in ids.iter().enumerate() {
+        if index % 2_000 == 0 {
+            connections.push(Connection::connect(&url, ConnectionProperties::default()).await?);
+        }
+        let Some(connection) = connections.last() else {
+            break;
+        };
         let channel = connection.create_channel().await?;
         channel.basic_qos(32, BasicQosOptions::default()).await?;
         let queue = identity.mailbox_queue(&prefix);
@@ -779,7 +823,9 @@ async fn sessions() -> Result<()> {
     }
     let lapin_rate = rabbit_count as f64 / started.elapsed().as_secs_f64();
     drop(channels);
-    let _ = connection.close(200, "done".into()).await;
+    for connection in connections {
+        let _ = connection.close(200, "done".into()).await;
+    }
     clean_up(&prefix, &ids).await;
     println!(
         "RabbitMQ: {rabbit_per_session:.0} bytes of broker memory per wsgw session; connect rate wsgw {wsgw_rate:.0}/s, plain lapin {lapin_rate:.0}/s"
@@ -931,7 +977,7 @@ async fn baseline_server(args: &[String]) -> Result<()> {
     let relay = args.get(1).is_some_and(|arg| arg == "relay");
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     let config = WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(256 * 1024);
     let (fan_out, _) = tokio::sync::broadcast::channel::<String>(64);

@@ -329,7 +329,7 @@ impl Default for SessionConfig {
             pong_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_message_size: 64 * 1024,
-            read_buffer_size: 8 * 1024,
+            read_buffer_size: 4 * 1024,
             write_buffer_size: 8 * 1024,
             max_write_buffer_size: 256 * 1024,
             max_invalid_frames: 10,

@@ -85,12 +85,58 @@ pub struct SessionStats {
 struct Entry {
     info: SessionInfo,
     stats: Arc<SessionStats>,
-    commands: mpsc::Sender<SessionCommand>,
-    broadcasts: mpsc::Sender<Arc<PreparedBroadcast>>,
+    commands: Arc<CommandSlot>,
+    inbox: mpsc::Sender<SessionMessage>,
 }
 
-/// Capacity of a session's command queue. Commands only close sessions, so a few suffice.
-const COMMAND_BUFFER: usize = 4;
+/// What a session's inbox carries. One channel for both keeps a session's memory small: a tokio channel
+/// allocates its state and a block of slots up front.
+#[derive(Debug)]
+pub enum SessionMessage {
+    /// A broadcast to push; dropped when the inbox is full (broadcasts are at-most-once).
+    Broadcast(Arc<PreparedBroadcast>),
+    /// The answer to one of the client's sends, once the broker confirmed or refused it.
+    Outcome(Box<crate::domain::ServerFrame>),
+}
+
+/// The pending command of one session, set by other tasks and taken by the session. Only the first command
+/// counts: every command closes the session.
+#[derive(Debug, Default)]
+pub struct CommandSlot {
+    command: Mutex<Option<SessionCommand>>,
+    notify: tokio::sync::Notify,
+}
+
+impl CommandSlot {
+    /// Sets the command unless one is already pending. Returns false when one was.
+    pub fn send(&self, command: SessionCommand) -> bool {
+        let mut slot = self.command.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(command);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Takes the pending command, if any.
+    pub fn try_take(&self) -> Option<SessionCommand> {
+        self.command
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Waits for a command.
+    pub async fn recv(&self) -> SessionCommand {
+        loop {
+            if let Some(command) = self.try_take() {
+                return command;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
 
 /// The live sessions of this node, by identity.
 #[derive(Default)]
@@ -100,33 +146,35 @@ pub struct Registry {
 
 impl Registry {
     /// Registers a session and closes the older session of the same identity, if any. Returns the session's
-    /// command queue and its broadcast queue of `broadcast_buffer` entries.
+    /// command slot, its inbox (with a sender for the session's own send outcomes) of `inbox_capacity` entries,
+    /// and its counters.
     pub fn register(
         &self,
         info: SessionInfo,
-        broadcast_buffer: usize,
+        inbox_capacity: usize,
     ) -> (
-        mpsc::Receiver<SessionCommand>,
-        mpsc::Receiver<Arc<PreparedBroadcast>>,
+        Arc<CommandSlot>,
+        mpsc::Receiver<SessionMessage>,
+        mpsc::Sender<SessionMessage>,
         Arc<SessionStats>,
     ) {
-        let (commands, command_receiver) = mpsc::channel(COMMAND_BUFFER);
+        let commands = Arc::new(CommandSlot::default());
         let stats = Arc::new(SessionStats::default());
-        let (broadcasts, broadcast_receiver) = mpsc::channel(broadcast_buffer.max(1));
+        let (inbox, inbox_receiver) = mpsc::channel(inbox_capacity.max(1));
         let identity = info.identity.clone();
         let previous = self.lock().insert(
             identity,
             Entry {
                 info,
                 stats: stats.clone(),
-                commands,
-                broadcasts,
+                commands: commands.clone(),
+                inbox: inbox.clone(),
             },
         );
         if let Some(previous) = previous {
             send_replaced(&previous.commands);
         }
-        (command_receiver, broadcast_receiver, stats)
+        (commands, inbox_receiver, inbox, stats)
     }
 
     /// Closes the session with this id with the kicked code. Returns false when no such session is here.
@@ -138,14 +186,11 @@ impl Registry {
         else {
             return false;
         };
-        // A full or closed command queue means the session is already closing.
-        entry
-            .commands
-            .try_send(SessionCommand::Close {
-                code: close_code::KICKED,
-                reason: "closed by an operator; reconnect later".to_owned(),
-            })
-            .is_ok()
+        // A pending command means the session is already closing.
+        entry.commands.send(SessionCommand::Close {
+            code: close_code::KICKED,
+            reason: "closed by an operator; reconnect later".to_owned(),
+        })
     }
 
     /// The live sessions as `wsgw sessions` shows them.
@@ -170,12 +215,19 @@ impl Registry {
 
     /// Queues a broadcast for every session that wants it. Returns how many sessions got it and the
     /// identities whose queue was full (they miss it: broadcasts are at-most-once).
-    pub fn fan_out(&self, envelope: &Envelope, prepared: &Arc<PreparedBroadcast>) -> (usize, Vec<Identity>) {
+    pub fn fan_out(
+        &self,
+        envelope: &Envelope,
+        prepared: &Arc<PreparedBroadcast>,
+    ) -> (usize, Vec<Identity>) {
         let sessions = self.lock();
         let mut reached = 0;
         let mut skipped = Vec::new();
         for entry in sessions.values().filter(|entry| entry.info.wants(envelope)) {
-            match entry.broadcasts.try_send(prepared.clone()) {
+            match entry
+                .inbox
+                .try_send(SessionMessage::Broadcast(prepared.clone()))
+            {
                 Ok(()) => reached += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     skipped.push(entry.info.identity.clone())
@@ -235,9 +287,9 @@ impl Registry {
     }
 }
 
-fn send_replaced(commands: &mpsc::Sender<SessionCommand>) {
-    // A full or closed queue means the session is already closing.
-    let _ = commands.try_send(SessionCommand::Close {
+fn send_replaced(commands: &CommandSlot) {
+    // A pending command means the session is already closing.
+    commands.send(SessionCommand::Close {
         code: close_code::REPLACED,
         reason: "replaced by a newer connection of the same identity".to_owned(),
     });
@@ -261,9 +313,9 @@ mod tests {
     #[test]
     fn register_replaces_older_session() {
         let registry = Registry::default();
-        let (mut first, _, _) = registry.register(info("a"), 4);
+        let (first, _, _, _) = registry.register(info("a"), 4);
         let _second = registry.register(info("b"), 4);
-        let command = first.try_recv().expect("replaced command");
+        let command = first.try_take().expect("replaced command");
         assert!(matches!(
             command,
             SessionCommand::Close {
@@ -277,11 +329,11 @@ mod tests {
     #[test]
     fn late_announcement_of_older_session_is_ignored() {
         let registry = Registry::default();
-        let (mut current, _, _) = registry.register(info("b"), 4);
+        let (current, _, _, _) = registry.register(info("b"), 4);
         assert!(!registry.replace_if_older(&info("a").identity, "a"));
-        assert!(current.try_recv().is_err());
+        assert!(current.try_take().is_none());
         assert!(registry.replace_if_older(&info("a").identity, "c"));
-        assert!(current.try_recv().is_ok());
+        assert!(current.try_take().is_some());
     }
 
     #[test]

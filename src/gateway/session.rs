@@ -27,7 +27,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::Gateway;
-use super::registry::{PreparedBroadcast, SessionCommand, SessionInfo, SessionStats};
+use super::registry::{
+    CommandSlot, PreparedBroadcast, SessionCommand, SessionInfo, SessionMessage, SessionStats,
+};
 use crate::broker::{
     Backoff, BroadcastKey, BrokerError, ControlMessage, Delivery, DeliveryAcker, Publication,
     Receipt, Subscription,
@@ -89,9 +91,10 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
                 .map(BroadcastKey::Business),
         )
         .collect();
-    let (mut commands, broadcasts, stats) = gateway
-        .registry
-        .register(info, gateway.config.session.broadcast_buffer);
+    let (commands, inbox, inbox_sender, stats) = gateway.registry.register(
+        info,
+        gateway.config.session.broadcast_buffer + gateway.config.session.max_sends_in_flight,
+    );
     gateway
         .broadcast_bindings
         .acquire(&gateway, &broadcast_keys)
@@ -130,16 +133,14 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
                 protocol: PROTOCOL_V1.to_owned(),
                 pending_ack_window: window,
             };
-            let (outcomes, outcome_receiver) =
-                mpsc::channel(gateway.config.session.max_sends_in_flight.max(1));
             let mut session = Session {
                 gateway: gateway.clone(),
                 identity: identity.clone(),
-                pending: VecDeque::with_capacity(usize::from(window)),
-                recent_broadcasts: VecDeque::with_capacity(RECENT_BROADCASTS),
+                pending: VecDeque::new(),
+                recent_broadcasts: VecDeque::new(),
                 invalid_frames: 0,
                 sends_in_flight: 0,
-                outcomes,
+                outcomes: inbox_sender,
                 stats,
                 consumer_tag: consumer_tag.clone(),
                 release: Some(release),
@@ -147,9 +148,8 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
             let inputs = Inputs {
                 stream,
                 deliveries,
-                commands: &mut commands,
-                broadcasts,
-                outcomes: outcome_receiver,
+                commands: &commands,
+                inbox,
             };
             let end = match session.send(&mut sink, &welcome).await {
                 Ok(()) => session.pump(&mut sink, inputs).await,
@@ -199,10 +199,9 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
 struct Inputs<'a> {
     stream: SplitStream<Socket>,
     deliveries: BoxStream<'static, Delivery>,
-    commands: &'a mut mpsc::Receiver<SessionCommand>,
-    broadcasts: mpsc::Receiver<Arc<PreparedBroadcast>>,
-    /// Results of the client's sends, as the frames to answer with.
-    outcomes: mpsc::Receiver<ServerFrame>,
+    commands: &'a CommandSlot,
+    /// Broadcasts and the answers to the client's sends.
+    inbox: mpsc::Receiver<SessionMessage>,
 }
 
 struct Session {
@@ -213,7 +212,7 @@ struct Session {
     recent_broadcasts: VecDeque<String>,
     invalid_frames: u32,
     sends_in_flight: usize,
-    outcomes: mpsc::Sender<ServerFrame>,
+    outcomes: mpsc::Sender<SessionMessage>,
     /// Counters shown by `wsgw sessions`.
     stats: Arc<SessionStats>,
     consumer_tag: String,
@@ -234,8 +233,7 @@ impl Session {
             mut stream,
             mut deliveries,
             commands,
-            mut broadcasts,
-            mut outcomes,
+            mut inbox,
         } = inputs;
         let config = self.gateway.config.session.clone();
         let shutdown = self.gateway.shutdown.clone();
@@ -267,18 +265,21 @@ impl Session {
                 _ = sleep_until(drain_deadline.unwrap_or(next_ping)), if draining => {
                     return going_away();
                 }
-                command = commands.recv() => match command {
-                    Some(SessionCommand::Close { code, reason }) => return End::Close(code, reason),
-                    None => return End::Gone("session registry dropped".to_owned()),
-                },
-                Some(envelope) = broadcasts.recv(), if !draining => {
-                    if let Err(end) = self.push_broadcast(sink, &envelope).await {
-                        return end;
-                    }
+                command = commands.recv() => {
+                    let SessionCommand::Close { code, reason } = command;
+                    return End::Close(code, reason);
                 }
-                Some(frame) = outcomes.recv() => {
-                    self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
-                    if let Err(end) = self.send(sink, &frame).await {
+                Some(message) = inbox.recv() => {
+                    let sent = match message {
+                        // While draining for shutdown the session pushes nothing new.
+                        SessionMessage::Broadcast(_) if draining => Ok(()),
+                        SessionMessage::Broadcast(broadcast) => self.push_broadcast(sink, &broadcast).await,
+                        SessionMessage::Outcome(frame) => {
+                            self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
+                            self.send(sink, &frame).await
+                        }
+                    };
+                    if let Err(end) = sent {
                         return end;
                     }
                 }
@@ -427,18 +428,24 @@ impl Session {
     }
 
     /// Pushes a broadcast. It is not in any mailbox, so the client's ack only needs to be recognised.
-    async fn push_broadcast(&mut self, sink: &mut Sink, broadcast: &PreparedBroadcast) -> Result<(), End> {
+    async fn push_broadcast(
+        &mut self,
+        sink: &mut Sink,
+        broadcast: &PreparedBroadcast,
+    ) -> Result<(), End> {
         if self.recent_broadcasts.len() == RECENT_BROADCASTS {
             self.recent_broadcasts.pop_front();
         }
-        self.recent_broadcasts.push_back(broadcast.message_id.clone());
+        self.recent_broadcasts
+            .push_back(broadcast.message_id.clone());
         let business = self.gateway.metrics.business(&broadcast.business_type);
         self.gateway
             .metrics
             .delivered
             .get_or_create(&business)
             .inc();
-        self.send_message(sink, Message::Text(broadcast.frame.clone())).await
+        self.send_message(sink, Message::Text(broadcast.frame.clone()))
+            .await
     }
 
     async fn handle_text(&mut self, sink: &mut Sink, text: &str) -> Result<(), End> {
@@ -607,7 +614,7 @@ impl Session {
                     }
                 }
             };
-            let _ = outcomes.send(frame).await;
+            let _ = outcomes.send(SessionMessage::Outcome(Box::new(frame))).await;
         });
         Ok(())
     }
