@@ -573,8 +573,13 @@ async fn reliable(mode: PublisherMode) -> Result<()> {
     } else {
         "reliable"
     };
+    let how = if mode == PublisherMode::Transactions {
+        "in AMQP transactions"
+    } else {
+        "with publisher confirms"
+    };
     println!(
-        "scenario {name}: {messages} persistent messages with confirms to {clients} identities, each acked"
+        "scenario {name}: {messages} persistent messages {how} to {clients} identities, each acked"
     );
     // Interleave two rounds of each path and keep the better one, to damp the shared machine's noise.
     let mut best_wsgw: Option<PathResult> = None;
