@@ -228,6 +228,8 @@ impl Session {
         }
     }
 
+    /// Runs the session loop. The work of each event runs in a boxed future, so an idle session's task holds
+    /// only the small state of this loop rather than the largest of those futures.
     async fn pump(&mut self, sink: &mut Sink, inputs: Inputs<'_>) -> End {
         let Inputs {
             mut stream,
@@ -273,10 +275,10 @@ impl Session {
                     let sent = match message {
                         // While draining for shutdown the session pushes nothing new.
                         SessionMessage::Broadcast(_) if draining => Ok(()),
-                        SessionMessage::Broadcast(broadcast) => self.push_broadcast(sink, &broadcast).await,
+                        SessionMessage::Broadcast(broadcast) => Box::pin(self.push_broadcast(sink, &broadcast)).await,
                         SessionMessage::Outcome(frame) => {
                             self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
-                            self.send(sink, &frame).await
+                            Box::pin(self.send(sink, &frame)).await
                         }
                     };
                     if let Err(end) = sent {
@@ -285,7 +287,7 @@ impl Session {
                 }
                 delivery = deliveries.next(), if !draining => match delivery {
                     Some(delivery) => {
-                        if let Err(end) = self.push(sink, delivery).await {
+                        if let Err(end) = Box::pin(self.push(sink, delivery)).await {
                             return end;
                         }
                     }
@@ -329,13 +331,13 @@ impl Session {
                     pong_deadline = None;
                     match frame {
                         Some(Ok(Message::Text(text))) => {
-                            if let Err(end) = self.handle_text(sink, text.as_str()).await {
+                            if let Err(end) = Box::pin(self.handle_text(sink, text.as_str())).await {
                                 return end;
                             }
                         }
                         Some(Ok(Message::Binary(_))) => {
                             let error = self.invalid(ErrorCode::InvalidFrame, "binary frames are not part of the protocol; send JSON text frames".to_owned(), None);
-                            if let Err(end) = self.reply_invalid(sink, error).await {
+                            if let Err(end) = Box::pin(self.reply_invalid(sink, error)).await {
                                 return end;
                             }
                         }
@@ -355,7 +357,7 @@ impl Session {
                     if pong_deadline.is_some() {
                         return End::Close(close_code::PONG_TIMEOUT, "no pong within the pong timeout".to_owned());
                     }
-                    if let Err(end) = self.send_message(sink, Message::Ping(Default::default())).await {
+                    if let Err(end) = Box::pin(self.send_message(sink, Message::Ping(Default::default()))).await {
                         return end;
                     }
                     next_ping = Instant::now() + config.ping_interval;
