@@ -7,6 +7,7 @@
 //! cargo bench --bench scenarios -- latency       # publish-to-receipt latency at half the baseline's rate
 //! cargo bench --bench scenarios -- sessions      # memory and connect rate per idle session
 //! cargo bench --bench scenarios -- broadcast     # one message to M tagged clients, vs a bare broadcast server
+//! cargo bench --bench scenarios -- broker-limit  # mailboxes with persistent messages before RabbitMQ stops answering
 //! ```
 //!
 //! RabbitMQ is taken from WSGW_BENCH_AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/%2f. Sizes can be changed
@@ -62,6 +63,7 @@ fn main() {
             Some("latency") => latency().await,
             Some("sessions") => sessions().await,
             Some("broadcast") => broadcast().await,
+            Some("broker-limit") => broker_limit().await,
             Some("baseline-server") => baseline_server(&args[1..]).await,
             _ => {
                 Err("name a scenario: reliable, reliable-tx, latency, sessions or broadcast".into())
@@ -968,6 +970,209 @@ async fn broadcast() -> Result<()> {
     println!(
         "summary: broadcast ratio={:.2} wsgw={wsgw_rate:.0}deliveries/s baseline={baseline_rate:.0}deliveries/s",
         wsgw_rate / baseline_rate
+    );
+    Ok(())
+}
+
+fn rabbitmqctl(args: &[&str]) -> Result<String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Restarts the machine's RabbitMQ (root only) and waits until it answers.
+fn restart_rabbitmq() -> Result<()> {
+    // A broker in the state this scenario looks for does not stop on request (seen on 3.10.8), so it is
+    // killed, as the operator would have to.
+    let _ = std::process::Command::new("timeout")
+        .args(["30", "rabbitmqctl", "stop"])
+        .status();
+    let _ = std::process::Command::new("pkill")
+        .args(["-9", "-f", "beam.smp"])
+        .status();
+    // `rabbitmqctl stop` returns before the Erlang VM has exited; a start before that fails.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::process::Command::new("pgrep")
+        .args(["-f", "beam.smp"])
+        .output()
+        .is_ok_and(|output| !output.stdout.is_empty())
+    {
+        if Instant::now() > deadline {
+            return Err("RabbitMQ did not stop within 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = std::process::Command::new("rabbitmq-server")
+        .arg("-detached")
+        .status()?;
+    if !status.success() {
+        return Err("rabbitmq-server -detached failed".into());
+    }
+    rabbitmqctl(&["await_startup"])?;
+    Ok(())
+}
+
+/// The broker's open-file limit, from /proc/<beam pid>/limits.
+fn rabbitmq_open_file_limit() -> String {
+    let pid = std::process::Command::new("pgrep")
+        .args(["-f", "beam.smp"])
+        .output()
+        .ok()
+        .and_then(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|line| line.starts_with("Max open files"))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Declares, consumes, fills with one persistent message and drains `count` mailbox queues, as `count` sessions
+/// that each got one message would; then checks that a new connection still completes its handshake.
+async fn fill_and_probe(url: &str, count: usize) -> Result<bool> {
+    let prefix = unique("bench-limit");
+    let ids = identities(count);
+    let amqp = amqp_config(&prefix, PublisherMode::Confirms);
+    let publisher =
+        Arc::new(Publisher::connect(url, &amqp, &mailbox_config(), "bench limit publisher").await?);
+    let receipts = Receipts::new(count);
+    let topology = Topology {
+        prefix: prefix.clone(),
+    };
+    let mut connections: Vec<Connection> = Vec::new();
+    let mut consumers = Vec::new();
+    for (index, identity) in ids.iter().enumerate() {
+        if index % 2_000 == 0 {
+            // The broker may stop answering in the middle of this: bound the handshake.
+            let connecting = Connection::connect(url, ConnectionProperties::default());
+            match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+                Ok(connection) => connections.push(connection?),
+                Err(_) => {
+                    println!("RabbitMQ stopped answering new connections after {index} mailboxes");
+                    restart_rabbitmq()?;
+                    clean_up(&prefix, &ids).await;
+                    return Ok(false);
+                }
+            }
+        }
+        let Some(connection) = connections.last() else {
+            break;
+        };
+        let channel = connection.create_channel().await?;
+        channel.basic_qos(32, BasicQosOptions::default()).await?;
+        let queue = identity.mailbox_queue(&prefix);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                mailbox_arguments(&mailbox_config(), &topology),
+            )
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let receipts = receipts.clone();
+        consumers.push(tokio::spawn(async move {
+            if let Some(Ok(delivery)) = consumer.next().await {
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                receipts.record(now_nanos());
+            }
+            channel
+        }));
+    }
+    publish_all(publisher.clone(), Arc::new(ids.clone()), count, 64, None).await?;
+    receipts
+        .wait_for(count as u64, Duration::from_secs(120))
+        .await?;
+    publisher.close().await;
+    for consumer in consumers {
+        let _ = consumer.await;
+    }
+    for connection in connections {
+        let _ = connection.close(200, "done".into()).await;
+    }
+    // The symptom seen on RabbitMQ 3.10.8: TCP accepted, no AMQP Connection.Start.
+    let answered = tokio::time::timeout(
+        Duration::from_secs(15),
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    .is_ok_and(|connected| connected.is_ok());
+    if !answered {
+        restart_rabbitmq()?;
+    }
+    clean_up(&prefix, &ids).await;
+    Ok(answered)
+}
+
+/// Finds how many mailboxes with persistent messages RabbitMQ holds before it stops answering new
+/// connections. Needs root: it raises RabbitMQ's open-file limit to 20,000 (restarting the broker), and it
+/// restarts the broker again whenever it stops answering, so the broker is left answering.
+async fn broker_limit() -> Result<()> {
+    let limits = "/etc/security/limits.d/rabbitmq.conf";
+    if std::fs::read_to_string(limits).map_or(true, |text| !text.contains("nofile 20000")) {
+        std::fs::write(limits, "rabbitmq - nofile 20000\n")?;
+        restart_rabbitmq()?;
+    }
+    println!(
+        "scenario broker-limit: RabbitMQ {}",
+        rabbitmq_open_file_limit()
+    );
+    let url = amqp_url();
+    let sizes: Vec<usize> = std::env::var("WSGW_BENCH_LIMIT_SIZES")
+        .unwrap_or_else(|_| "4000,7000,10000".to_owned())
+        .split(',')
+        .filter_map(|size| size.trim().parse().ok())
+        .collect();
+    let mut largest_answering = 0;
+    let mut first_silent = None;
+    for size in sizes {
+        let started = Instant::now();
+        let answered = fill_and_probe(&url, size).await?;
+        println!(
+            "{size} mailboxes with one persistent message each: {} ({:.0} s)",
+            if answered {
+                "still answering"
+            } else {
+                "stopped answering new connections"
+            },
+            started.elapsed().as_secs_f64()
+        );
+        if answered {
+            largest_answering = largest_answering.max(size);
+        } else {
+            first_silent = Some(size);
+            break;
+        }
+    }
+    println!(
+        "summary: broker-limit ratio=1.00 largest_answering={largest_answering} first_silent={}",
+        first_silent.map_or("none".to_owned(), |size| size.to_string())
     );
     Ok(())
 }
