@@ -508,27 +508,7 @@ async fn run_baseline(
     let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
     let receipts = Receipts::new(messages);
     for identity in identities.iter() {
-        let channel = connection.create_channel().await?;
-        channel.basic_qos(32, BasicQosOptions::default()).await?;
-        let queue = identity.mailbox_queue(&prefix);
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                mailbox_arguments(&mailbox_config(), &topology),
-            )
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (_channel, mut consumer) = consume_mailbox(&connection, &topology, identity).await?;
         let receipts = receipts.clone();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
@@ -557,6 +537,37 @@ async fn run_baseline(
         latencies,
         gateway_cpu: None,
     })
+}
+
+/// Declares an identity's mailbox with the gateway's arguments and consumes it on a channel of its own with
+/// prefetch 32, as a gateway session does.
+async fn consume_mailbox(
+    connection: &Connection,
+    topology: &Topology,
+    identity: &Identity,
+) -> Result<(lapin::Channel, lapin::Consumer)> {
+    let channel = connection.create_channel().await?;
+    channel.basic_qos(32, BasicQosOptions::default()).await?;
+    let queue = identity.mailbox_queue(&topology.prefix);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            mailbox_arguments(&mailbox_config(), topology),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
 }
 
 fn percentile(sorted: &[u64], fraction: f64) -> f64 {
@@ -805,27 +816,7 @@ async fn sessions() -> Result<()> {
         let Some(connection) = connections.last() else {
             break;
         };
-        let channel = connection.create_channel().await?;
-        channel.basic_qos(32, BasicQosOptions::default()).await?;
-        let queue = identity.mailbox_queue(&prefix);
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                mailbox_arguments(&mailbox_config(), &topology),
-            )
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (channel, consumer) = consume_mailbox(connection, &topology, identity).await?;
         channels.push((channel, consumer));
     }
     let lapin_rate = rabbit_count as f64 / started.elapsed().as_secs_f64();
@@ -1075,27 +1066,7 @@ async fn fill_and_probe(url: &str, count: usize) -> Result<bool> {
         let Some(connection) = connections.last() else {
             break;
         };
-        let channel = connection.create_channel().await?;
-        channel.basic_qos(32, BasicQosOptions::default()).await?;
-        let queue = identity.mailbox_queue(&prefix);
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                mailbox_arguments(&mailbox_config(), &topology),
-            )
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (channel, mut consumer) = consume_mailbox(connection, &topology, identity).await?;
         let receipts = receipts.clone();
         consumers.push(tokio::spawn(async move {
             if let Some(Ok(delivery)) = consumer.next().await {
