@@ -69,7 +69,7 @@ pub enum Event {
     },
 }
 
-/// What the welcome frame told the client.
+/// The session details from the welcome frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     pub session_id: String,
@@ -161,7 +161,7 @@ impl Client {
         }
     }
 
-    /// Waits for the next event. Pings are answered automatically.
+    /// Waits for the next event. Pongs to the gateway's pings are sent automatically.
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
         match self.next_frame().await? {
             Some(ServerFrame::Message {
@@ -210,9 +210,9 @@ impl Client {
         .await
     }
 
-    /// Sends a message to the server or to another client. The gateway answers with an ack event carrying the
-    /// messageId after the broker confirmed, or an error event; set a messageId to match the answer and to
-    /// resend safely.
+    /// Sends a message to the server or to another client. The gateway responds with an ack event carrying the
+    /// messageId after the broker confirmed, or an error event; set a messageId to match the response and
+    /// to resend safely.
     pub async fn send(&mut self, envelope: Envelope) -> Result<(), ClientError> {
         self.send_frame(&ClientFrame::Send {
             message: Box::new(envelope),
@@ -235,7 +235,7 @@ impl Client {
     /// Closes the connection with a normal close handshake.
     pub async fn close(mut self) -> Result<(), ClientError> {
         let _ = self.socket.close(None).await;
-        // Drain until the gateway answers the close, bounded so a dead gateway cannot hang the caller.
+        // Drain until the gateway returns the close frame, bounded so a dead gateway cannot hang the caller.
         let drain = async { while let Some(Ok(_)) = self.socket.next().await {} };
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
         Ok(())
@@ -345,7 +345,7 @@ pub async fn request_connection_url(
     .await?;
     let answer: ApiAnswer = serde_json::from_slice(&body).map_err(|error| {
         ClientError::Protocol(format!(
-            "the token endpoint answered HTTP {status} with invalid JSON: {error}"
+            "the token endpoint responded HTTP {status} with invalid JSON: {error}"
         ))
     })?;
     if !status.is_success() || answer.result != 0 {
@@ -355,6 +355,6 @@ pub async fn request_connection_url(
         });
     }
     answer.data.as_str().map(str::to_owned).ok_or_else(|| {
-        ClientError::Protocol("the token endpoint answered without a URL in data".to_owned())
+        ClientError::Protocol("the token endpoint responded without a URL in data".to_owned())
     })
 }

@@ -70,12 +70,12 @@ pub struct Config {
     pub memory: MemoryConfig,
 }
 
-/// Which client types may message which, for CLIENT_TO_CLIENT messages.
+/// Policy on which client types may send CLIENT_TO_CLIENT messages to which.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Sender clientType to the recipient clientTypes it may message; `"*"` allows every type, including a
-    /// message to every client type of a uniqueId. A sender type not listed may message nobody.
+    /// message to every client type of a uniqueId. A sender type not listed may message no client type.
     pub client_to_client: std::collections::BTreeMap<String, Vec<String>>,
 }
 
@@ -138,14 +138,14 @@ pub struct AuthConfig {
     /// Lifetime of a token when the request names none.
     #[serde(with = "humantime_serde")]
     pub token_ttl: Duration,
-    /// Longest lifetime a token request may ask for.
+    /// Maximum lifetime a token request may ask for.
     #[serde(with = "humantime_serde")]
     pub max_token_ttl: Duration,
     /// Maximum number of used tokens remembered to reject reuse; new connections are refused when it is full.
     pub used_token_capacity: usize,
 }
 
-/// How the publisher learns that RabbitMQ took a message.
+/// Mechanism by which the publisher learns that RabbitMQ took a message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PublisherMode {
@@ -168,7 +168,7 @@ pub struct AmqpConfig {
     /// Deadline for opening a connection, including the AMQP handshake.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// How publishes are confirmed: `confirms` or `transactions`.
+    /// Publish confirmation mechanism: `confirms` or `transactions`.
     pub publisher_mode: PublisherMode,
     /// Sessions per consumer connection. Each session takes a channel and RabbitMQ allows 2,047 channels per
     /// connection by default, so a node opens another connection past this many.
@@ -179,7 +179,7 @@ pub struct AmqpConfig {
     /// First delay before reconnecting to RabbitMQ; it doubles after each failure.
     #[serde(with = "humantime_serde")]
     pub reconnect_min_backoff: Duration,
-    /// Longest delay between reconnect attempts.
+    /// Maximum delay between reconnect attempts.
     #[serde(with = "humantime_serde")]
     pub reconnect_max_backoff: Duration,
 }
@@ -212,7 +212,7 @@ pub struct SessionConfig {
     /// Interval between server pings.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
-    /// How long the client has to answer a ping before the session is closed.
+    /// How long the client has to reply to a ping with a pong before the session is closed.
     #[serde(with = "humantime_serde")]
     pub pong_timeout: Duration,
     /// Deadline for writing one frame to the client; a slower client is disconnected.
@@ -228,7 +228,7 @@ pub struct SessionConfig {
     pub max_write_buffer_size: usize,
     /// Invalid frames per session at which it is closed with a policy violation (1008).
     pub max_invalid_frames: u32,
-    /// On shutdown, how long a client has to ack the messages it holds before its session closes.
+    /// On shutdown, how long a client has to ack the messages it has received before its session closes.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Times a client may reject one message; the next rejection dead-letters it with reason `rejected`.
@@ -414,7 +414,7 @@ impl Config {
         }
     }
 
-    /// Every relation between keys that does not hold.
+    /// Returns every relation between keys that does not hold.
     pub fn problems(&self) -> Vec<ConfigError> {
         let mut problems = Vec::new();
         let mut invalid = |key, value: String, reason: &str| {
@@ -611,7 +611,7 @@ impl Config {
         }
     }
 
-    /// The configured node name, or `<hostname>-<random>`.
+    /// Returns the configured node name, or `<hostname>-<random>`.
     pub fn node_name(&self) -> String {
         if let Some(name) = &self.server.node_name {
             return name.clone();
@@ -631,7 +631,7 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-/// The environment variable that overrides `key`.
+/// Returns the environment variable that overrides `key`.
 pub fn env_name(key: &str) -> String {
     format!("WSGW_{}", key.replace('.', "_").to_uppercase())
 }

@@ -257,7 +257,7 @@ async fn s03_half_open_client_is_dropped_and_healthy_client_stays_fast() {
         .await;
     let dead = env.identity("charger");
     let healthy = env.identity("charger");
-    // The dead client never reads again after its welcome frame, so it answers no ping.
+    // The dead client never reads again after its welcome frame, so it sends no pong.
     let dead_client = gateway.connect(&dead, &[], &[]).await;
     let mut healthy_client = gateway.connect(&healthy, &[], &[]).await;
     let stopped_answering = Instant::now();
@@ -564,8 +564,8 @@ async fn s10_mailbox_limit_and_poison_message_lose_nothing(mode: PublisherMode) 
         15,
         "every message is accounted for"
     );
-    // With confirms the mailbox nacks what is over its limit; in a transaction the commit fails. Either way
-    // the publisher is told.
+    // With confirms the mailbox nacks what is over its limit, and in a transaction the commit fails. Either
+    // way the publisher gets an error.
     assert_eq!(refused, 5);
     assert_eq!(dead_lettered, 0);
     let baseline = dead_lettered as u32;

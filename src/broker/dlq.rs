@@ -10,7 +10,7 @@ use lapin::{Channel, Connection};
 
 use super::BrokerError;
 use super::header;
-use super::rabbit::{Topology, open_connection};
+use super::rabbit::{Topology, integer_header, open_connection};
 use crate::config::AmqpConfig;
 use crate::domain::Envelope;
 
@@ -151,7 +151,7 @@ fn record_of(delivery: &lapin::message::Delivery) -> DeadLetterRecord {
         .or_else(|| text("x-first-death-reason"))
         .or_else(|| first_death.as_ref().and_then(|(reason, _)| reason.clone()))
         .unwrap_or_else(|| "unknown".to_owned());
-    let dead_lettered_at = integer(&headers, header::DEAD_LETTERED_AT)
+    let dead_lettered_at = integer_header(Some(&headers), header::DEAD_LETTERED_AT)
         .and_then(|ms| u64::try_from(ms).ok())
         .or_else(|| first_death.and_then(|(_, time)| time));
     let envelope = std::str::from_utf8(&delivery.data)
@@ -170,7 +170,7 @@ fn record_of(delivery: &lapin::message::Delivery) -> DeadLetterRecord {
         dead_lettered_at,
         original_exchange: text(header::ORIGINAL_EXCHANGE).unwrap_or_default(),
         original_routing_key: text(header::ORIGINAL_ROUTING_KEY).unwrap_or_default(),
-        replay_count: integer(&headers, header::REPLAY_COUNT)
+        replay_count: integer_header(Some(&headers), header::REPLAY_COUNT)
             .and_then(|count| u32::try_from(count).ok())
             .unwrap_or(0),
         envelope,
@@ -197,17 +197,4 @@ fn first_x_death(headers: &FieldTable) -> Option<(Option<String>, Option<u64>)> 
         _ => None,
     };
     Some((reason, time))
-}
-
-fn integer(headers: &FieldTable, name: &str) -> Option<i64> {
-    match headers.inner().get(&ShortString::from(name))? {
-        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongLongInt(v) => Some(*v),
-        _ => None,
-    }
 }

@@ -106,7 +106,7 @@ pub struct Published {
     pub timestamp: u64,
 }
 
-/// Why a broker operation failed. Each message says what to do next.
+/// A failed broker operation. Each message names what to do next.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error(
@@ -250,7 +250,7 @@ pub enum ControlMessage {
         session_id: String,
         node: String,
     },
-    /// A node is alive; nodes remember their peers so `wsgw sessions` can name the ones that do not answer.
+    /// A node is alive. Nodes remember their peers, so `wsgw sessions` can name the ones that do not reply.
     #[serde(rename_all = "camelCase")]
     Heartbeat { node: String },
     /// Every node replies with its live sessions ([`ControlReply::Sessions`]).

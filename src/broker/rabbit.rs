@@ -98,7 +98,7 @@ impl Topology {
 }
 
 /// The reply-to pseudo-queue of RabbitMQ's direct reply-to.
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Arguments of every mailbox queue. A mailbox declared with other arguments makes RabbitMQ reject the
 /// redeclare (406), so these must only change together with a migration.
@@ -161,8 +161,8 @@ fn operation_error(
     }
 }
 
-/// The open publisher connection with its two channels. Declares run on their own channel, so a rejected
-/// declare (which closes its channel) never fails the confirms pending on the publishing channel.
+/// The open publisher connection with its two channels. Declares run on their own channel, because a rejected
+/// declare closes its channel and would otherwise fail the confirms pending there.
 struct PublisherChannels {
     connection: Arc<Connection>,
     confirms: Channel,
@@ -243,7 +243,7 @@ impl Publisher {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// The publishing and declaring channels, reopened (with the connection if needed) when closed.
+    /// Returns the publishing and declaring channels, reopening them (and the connection) when closed.
     async fn channels(&self) -> Result<(Channel, Channel), BrokerError> {
         let mut guard = self.channels.lock().await;
         if let Some(open) = guard.as_mut() {
@@ -387,7 +387,8 @@ impl Publisher {
         }
     }
 
-    /// Runs a publish within `amqp.publish_timeout`; a timeout while the broker blocks publishers says so.
+    /// Runs a publish within `amqp.publish_timeout`. A timeout while the broker blocks publishers is reported
+    /// as blocked.
     async fn bounded<T>(
         &self,
         publication: &Publication,
@@ -521,7 +522,8 @@ impl Publisher {
         }
     }
 
-    /// The channel that publishes with a reply-to address and consumes the receipts, opened on first use.
+    /// Returns the channel that publishes with a reply-to address and consumes the receipts, opening it on
+    /// first use.
     async fn receipt_channel(&self) -> Result<ReceiptChannel, BrokerError> {
         let mut guard = self.receipts.lock().await;
         if let Some(open) = guard.as_ref()
@@ -738,7 +740,7 @@ impl Publisher {
     }
 }
 
-/// What the broker said about one publish.
+/// The broker's verdict on one publish.
 enum Outcome {
     /// Confirmed (or committed) and routed.
     Accepted,
@@ -935,8 +937,8 @@ async fn declare_mailbox(
 }
 
 /// Reads an integer header written by any AMQP client.
-fn integer_header(headers: &Option<FieldTable>, name: &str) -> Option<i64> {
-    let value = headers.as_ref()?.inner().get(&ShortString::from(name))?;
+pub(crate) fn integer_header(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
+    let value = headers?.inner().get(&ShortString::from(name))?;
     match value {
         AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
         AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
@@ -1017,7 +1019,7 @@ fn delivery_from(delivery: lapin::message::Delivery, queue: &str) -> Delivery {
             .as_ref()
             .map(|id| id.as_str().to_owned()),
         redelivered: delivery.redelivered,
-        replay_count: integer_header(delivery.properties.headers(), header::REPLAY_COUNT)
+        replay_count: integer_header(delivery.properties.headers().as_ref(), header::REPLAY_COUNT)
             .and_then(|count| u32::try_from(count).ok())
             .unwrap_or(0),
         reply_to: delivery
@@ -1135,7 +1137,7 @@ impl RabbitBroker {
         });
     }
 
-    /// The publisher, for callers that publish without a gateway.
+    /// Returns the publisher, for callers that publish without a gateway.
     pub fn publisher(&self) -> &Publisher {
         &self.publisher
     }
@@ -1144,8 +1146,8 @@ impl RabbitBroker {
         Ok(self.consumer_side().await?.0)
     }
 
-    /// The consumer connection and bindings channel, reopened (with this node's control and broadcast consumers
-    /// and bindings) when lost.
+    /// Returns the consumer connection and bindings channel. A lost connection is reopened together with this
+    /// node's control and broadcast consumers and bindings.
     async fn consumer_side(&self) -> Result<(Arc<Connection>, Channel), BrokerError> {
         let mut guard = self.consumer.lock().await;
         if let Some(side) = guard.as_mut() {
@@ -1225,8 +1227,8 @@ impl RabbitBroker {
         Ok((connection, bindings))
     }
 
-    /// A session connection with room for one more session channel, opened when all are full or lost. A lost
-    /// connection is dropped from the list; its sessions resubscribe and land on a live one.
+    /// Returns a session connection with room for one more session channel, opening one when all are full or
+    /// lost. A lost connection is dropped from the list, and its sessions resubscribe on a live one.
     async fn session_connection(&self) -> Result<(Arc<Connection>, Arc<AtomicUsize>), BrokerError> {
         let mut connections = self.session_connections.lock().await;
         connections.retain(|session| session.connection.status().connected());

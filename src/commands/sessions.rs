@@ -16,7 +16,7 @@ use serde_json::json;
 use tabled::settings::Style;
 use tabled::{Table, Tabled};
 
-use crate::broker::rabbit::{Topology, open_connection};
+use crate::broker::rabbit::{DIRECT_REPLY_TO, Topology, open_connection};
 use crate::broker::{ControlMessage, ControlReply, SessionView};
 use crate::cli::{GlobalArgs, OutputFormat, SessionSort, SessionsArgs};
 use crate::client::ApiAnswer;
@@ -25,8 +25,6 @@ use crate::credentials;
 use crate::exit::{CliError, ExitCode};
 use crate::http_client;
 use crate::output::{self, WriteOutcome};
-
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// What the nodes answered.
 struct Answers {

@@ -47,7 +47,7 @@ type Sink = SplitSink<Socket, Message>;
 struct Pending {
     message_id: String,
     acker: Box<dyn DeliveryAcker>,
-    /// Where the publisher wants the delivery receipt, if it asked for one.
+    /// Reply-to address for the delivery receipt, when the publisher requested one.
     reply_to: Option<String>,
     business_type: String,
     pushed_at: std::time::Instant,
@@ -56,7 +56,7 @@ struct Pending {
 /// How many recent broadcast messageIds a session remembers, so the client's acks of them are accepted.
 const RECENT_BROADCASTS: usize = 256;
 
-/// Why the session loop ended.
+/// Reason the session loop ended.
 enum End {
     /// Close the WebSocket with this code and reason.
     Close(u16, String),
@@ -200,7 +200,7 @@ struct Inputs<'a> {
     stream: SplitStream<Socket>,
     deliveries: BoxStream<'static, Delivery>,
     commands: &'a CommandSlot,
-    /// Broadcasts and the answers to the client's sends.
+    /// Broadcasts and the results of the client's sends.
     inbox: mpsc::Receiver<SessionMessage>,
 }
 
@@ -244,8 +244,8 @@ impl Session {
         let mut resubscribe_at: Option<Instant> = None;
         let amqp = &self.gateway.config.amqp;
         let mut backoff = Backoff::new(amqp.reconnect_min_backoff, amqp.reconnect_max_backoff);
-        // On shutdown the session stops pushing and gives the client `session.shutdown_grace` to ack what it has;
-        // what stays unacked returns to the mailbox when the subscription is released.
+        // On shutdown the session stops pushing and gives the client `session.shutdown_grace` to ack what it has.
+        // Whatever stays unacked returns to the mailbox when the subscription is released.
         let mut drain_deadline: Option<Instant> = None;
         let going_away = || {
             End::Close(
@@ -656,7 +656,7 @@ impl Session {
         Ok(())
     }
 
-    /// Answers an ack or reject of a messageId this session is not waiting for. Not counted as an invalid frame:
+    /// Sends UNKNOWN_MESSAGE_ID for an ack or reject of a messageId this session is not waiting for. Not counted as an invalid frame:
     /// a duplicate ack or an ack of an old broadcast is a benign client mistake.
     async fn unknown_message_id(&mut self, sink: &mut Sink, message_id: String) -> Result<(), End> {
         let frame = ServerFrame::Error {
@@ -712,7 +712,7 @@ impl Session {
     }
 }
 
-/// The `reason` label of the disconnects counter.
+/// Returns the `reason` label of the disconnects counter.
 fn disconnect_reason(end: &End) -> &'static str {
     match end {
         End::Close(close_code::REPLACED, _) => "replaced",
@@ -729,7 +729,7 @@ fn disconnect_reason(end: &End) -> &'static str {
     }
 }
 
-/// The error code a client sees for a broker error.
+/// Returns the error code a client sees for a broker error.
 fn error_code(error: &BrokerError) -> ErrorCode {
     match error {
         BrokerError::Unroutable { .. } => ErrorCode::Unroutable,

@@ -23,13 +23,13 @@ use wsgw::domain::{Envelope, Identity, SendType, TokenSigner};
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
 pub const API_KEY: &str = "test-api-key";
 
-/// The broker the tests use: WSGW_TEST_AMQP_URL, else the local default.
+/// Returns the broker URL the tests use: WSGW_TEST_AMQP_URL, else the local default.
 pub fn amqp_url() -> String {
     std::env::var("WSGW_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-/// True when RabbitMQ answers on its AMQP port. Panics when it does not and CI=true.
+/// Returns true when RabbitMQ accepts connections on its AMQP port. Panics when it does not and CI=true.
 pub fn rabbitmq_available() -> bool {
     let url = url::Url::parse(&amqp_url()).expect("valid WSGW_TEST_AMQP_URL");
     let address = format!(
