@@ -7,6 +7,7 @@ pub mod auth;
 mod broadcast;
 pub mod dedupe;
 mod http;
+pub mod inbound;
 pub mod registry;
 mod session;
 

@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::Gateway;
+use super::inbound::{self, Inbound};
 use super::registry::{
     CommandSlot, PreparedBroadcast, SessionCommand, SessionInfo, SessionMessage, SessionStats,
 };
@@ -36,9 +37,7 @@ use crate::broker::{
 };
 use crate::domain::envelope::unix_millis;
 use crate::domain::frame::{ErrorCode, PROTOCOL_V1, close_code};
-use crate::domain::{
-    ClientFrame, Destination, Envelope, Identity, SendType, ServerFrame, TokenClaims,
-};
+use crate::domain::{Envelope, Identity, ServerFrame, TokenClaims};
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 type Sink = SplitSink<Socket, Message>;
@@ -451,23 +450,16 @@ impl Session {
     }
 
     async fn handle_text(&mut self, sink: &mut Sink, text: &str) -> Result<(), End> {
-        let frame: ClientFrame = match serde_json::from_str(text) {
-            Ok(frame) => frame,
-            Err(error) => {
-                let error = self.invalid(
-                    ErrorCode::InvalidFrame,
-                    format!("invalid frame: {error}; see the wsgw.v1 protocol for the frame types"),
-                    None,
-                );
-                return self.reply_invalid(sink, error).await;
+        let policy = &self.gateway.config.policy;
+        match inbound::classify(text, &self.identity, policy) {
+            Inbound::Ack { message_id } => self.ack(sink, message_id).await,
+            Inbound::Reject { message_id, reason } => self.reject(sink, message_id, reason).await,
+            Inbound::Publish(publication) => self.client_send(sink, *publication).await,
+            Inbound::Invalid(frame) => {
+                self.invalid_frames += 1;
+                self.reply_invalid(sink, frame).await
             }
-        };
-        match frame {
-            ClientFrame::Ack { message_id } => self.ack(sink, message_id).await,
-            ClientFrame::Reject { message_id, reason } => {
-                self.reject(sink, message_id, reason).await
-            }
-            ClientFrame::Send { message } => self.client_send(sink, *message).await,
+            Inbound::Forbidden(frame) => self.send(sink, &frame).await,
         }
     }
 
@@ -522,67 +514,14 @@ impl Session {
         Ok(())
     }
 
-    /// Publishes a message the client sent, stamped with the sender's identity from its token. The client gets
-    /// an ack frame after the broker confirmed, or an error frame with the reason; a resend of a confirmed
-    /// messageId is acked again without publishing.
-    async fn client_send(&mut self, sink: &mut Sink, mut envelope: Envelope) -> Result<(), End> {
-        // Identity and order key come from the gateway, whatever the frame claimed.
-        envelope.from_unique_id = Some(self.identity.unique_id.clone());
-        envelope.from_client_type = Some(self.identity.client_type.clone());
-        envelope.timestamp = None;
-        let claimed_id = envelope.message_id.clone();
-        if let Err(error) = envelope.validate() {
-            let frame = self.invalid(ErrorCode::InvalidEnvelope, error.to_string(), claimed_id);
-            return self.reply_invalid(sink, frame).await;
-        }
-        if envelope.send_type == SendType::ServerToClient {
-            let frame = self.invalid(
-                ErrorCode::Forbidden,
-                "clients may send CLIENT_TO_SERVER or CLIENT_TO_CLIENT messages only".to_owned(),
-                claimed_id,
-            );
-            return self.reply_invalid(sink, frame).await;
-        }
-        envelope.stamp_first_publish();
-        let message_id = envelope.id().to_owned();
+    /// Publishes a message the client sent, already stamped with the sender's identity. The client gets an ack
+    /// frame after the broker confirmed, or an error frame with the reason; a resend of a confirmed messageId is
+    /// acked again without publishing.
+    async fn client_send(&mut self, sink: &mut Sink, publication: Publication) -> Result<(), End> {
+        let message_id = publication.envelope.id().to_owned();
         if self.gateway.dedupe.contains(&self.identity, &message_id) {
             debug!(identity = %self.identity, %message_id, "resend of a confirmed message; acking without publishing");
             return self.send(sink, &ServerFrame::Ack { message_id }).await;
-        }
-        let publication = match Publication::new(envelope) {
-            Ok(publication) => publication,
-            Err(error) => {
-                let frame = self.invalid(
-                    ErrorCode::InvalidEnvelope,
-                    error.to_string(),
-                    Some(message_id),
-                );
-                return self.reply_invalid(sink, frame).await;
-            }
-        };
-        if publication.envelope.send_type == SendType::ClientToClient {
-            let to = match &publication.destination {
-                Destination::Identity(identity) => Some(identity.client_type.as_str()),
-                _ => None,
-            };
-            if !self
-                .gateway
-                .config
-                .policy
-                .allows(&self.identity.client_type, to)
-            {
-                let reason = format!(
-                    "clientType {} may not message {}; an operator can allow it in [policy] client_to_client",
-                    self.identity.client_type,
-                    to.unwrap_or("every client type of a uniqueId")
-                );
-                let frame = ServerFrame::Error {
-                    code: ErrorCode::Forbidden,
-                    reason,
-                    message_id: Some(message_id),
-                };
-                return self.send(sink, &frame).await;
-            }
         }
         if self.sends_in_flight >= self.gateway.config.session.max_sends_in_flight {
             let frame = ServerFrame::Error {
