@@ -21,8 +21,19 @@ pub const KEYS: &[&str] = &[
     "server.node_name",
     "server.max_connections",
     "server.shutdown_timeout",
+    "server.handshake_timeout",
+    "server.max_sessions",
+    "server.max_sessions_per_address",
+    "server.trusted_proxies",
+    "server.allowed_origins",
+    "server.tls_cert",
+    "server.tls_key",
     "auth.token_secret",
     "auth.api_keys",
+    "auth.token_secret_file",
+    "auth.previous_token_secrets",
+    "auth.api_keys_file",
+    "auth.clock_skew",
     "auth.token_ttl",
     "auth.max_token_ttl",
     "auth.used_token_capacity",
@@ -43,6 +54,9 @@ pub const KEYS: &[&str] = &[
     "session.pong_timeout",
     "session.write_timeout",
     "session.max_message_size",
+    "session.max_frame_size",
+    "session.rate_limit",
+    "session.rate_limit_burst",
     "session.read_buffer_size",
     "session.write_buffer_size",
     "session.max_write_buffer_size",
@@ -125,6 +139,24 @@ pub struct ServerConfig {
     /// On SIGTERM, how long to wait for sessions and connections to finish before exiting anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Deadline from accepting a TCP connection to a complete request head (and the TLS handshake with TLS); a
+    /// client that sends nothing, or too slowly, is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Maximum number of WebSocket sessions on this node; further upgrades get 503.
+    pub max_sessions: usize,
+    /// Maximum number of WebSocket sessions from one client address; further upgrades get 429. 0 turns it off.
+    pub max_sessions_per_address: usize,
+    /// Addresses (`10.0.0.5`) or networks (`10.0.0.0/8`) of reverse proxies whose `X-Forwarded-For` header names
+    /// the client address. From any other peer the header is ignored.
+    pub trusted_proxies: Vec<String>,
+    /// Origins (`https://pay.example.com`) allowed to open WebSocket sessions and to read token responses in a
+    /// browser. Empty allows every origin. A request without an Origin header (not a browser) is allowed.
+    pub allowed_origins: Vec<String>,
+    /// PEM certificate chain; with `tls_key`, the listener serves HTTPS and wss directly.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Tokens and API keys.
@@ -135,6 +167,16 @@ pub struct AuthConfig {
     pub token_secret: Option<String>,
     /// API keys accepted as bearer tokens by the token endpoint and the publish API.
     pub api_keys: Vec<String>,
+    /// File holding signing secrets, one per line: the first signs new tokens, later ones are still accepted
+    /// (for rotation). Used instead of `token_secret`; re-read on SIGHUP.
+    pub token_secret_file: Option<PathBuf>,
+    /// Former signing secrets whose tokens are still accepted while a rotation runs.
+    pub previous_token_secrets: Vec<String>,
+    /// File holding more API keys, one per line (`#` starts a comment); re-read on SIGHUP.
+    pub api_keys_file: Option<PathBuf>,
+    /// How far past its expiry a token is still accepted, for clocks that differ between nodes.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
     /// Lifetime of a token when the request names none.
     #[serde(with = "humantime_serde")]
     pub token_ttl: Duration,
@@ -218,8 +260,14 @@ pub struct SessionConfig {
     /// Deadline for writing one frame to the client; a slower client is disconnected.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
-    /// Maximum size of a message from the client, in bytes.
+    /// Maximum size of a message from the client, in bytes; a larger one closes the session with 1009.
     pub max_message_size: usize,
+    /// Maximum size of one WebSocket frame from the client, in bytes; at most `max_message_size`.
+    pub max_frame_size: usize,
+    /// Messages per second a client may send (frames of type `send`); more get a RATE_LIMITED error frame.
+    pub rate_limit: u32,
+    /// Messages a client may send at once above `rate_limit` before it applies.
+    pub rate_limit_burst: u32,
     /// Read buffer per connection, in bytes.
     pub read_buffer_size: usize,
     /// Write buffer per connection, in bytes.
@@ -249,6 +297,13 @@ impl Default for ServerConfig {
             node_name: None,
             max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(15),
+            handshake_timeout: Duration::from_secs(10),
+            max_sessions: 10_000,
+            max_sessions_per_address: 200,
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -258,6 +313,10 @@ impl Default for AuthConfig {
         AuthConfig {
             token_secret: None,
             api_keys: Vec::new(),
+            token_secret_file: None,
+            previous_token_secrets: Vec::new(),
+            api_keys_file: None,
+            clock_skew: Duration::from_secs(5),
             token_ttl: Duration::from_secs(60),
             max_token_ttl: Duration::from_secs(3600),
             used_token_capacity: 100_000,
@@ -273,6 +332,13 @@ impl std::fmt::Debug for AuthConfig {
                 &self.token_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("api_keys", &format!("<{} redacted>", self.api_keys.len()))
+            .field("token_secret_file", &self.token_secret_file)
+            .field(
+                "previous_token_secrets",
+                &format!("<{} redacted>", self.previous_token_secrets.len()),
+            )
+            .field("api_keys_file", &self.api_keys_file)
+            .field("clock_skew", &self.clock_skew)
             .field("token_ttl", &self.token_ttl)
             .field("max_token_ttl", &self.max_token_ttl)
             .field("used_token_capacity", &self.used_token_capacity)
@@ -329,6 +395,9 @@ impl Default for SessionConfig {
             pong_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_message_size: 64 * 1024,
+            max_frame_size: 64 * 1024,
+            rate_limit: 50,
+            rate_limit_burst: 100,
             read_buffer_size: 4 * 1024,
             write_buffer_size: 8 * 1024,
             max_write_buffer_size: 256 * 1024,
@@ -513,6 +582,77 @@ impl Config {
                 "must be shorter than server.shutdown_timeout",
             );
         }
+        for (index, secret) in self.auth.previous_token_secrets.iter().enumerate() {
+            if secret.len() < crate::domain::token::MIN_SECRET_LEN {
+                invalid(
+                    "auth.previous_token_secrets",
+                    format!("<entry {} redacted>", index + 1),
+                    "every secret must be at least 32 bytes",
+                );
+            }
+        }
+        if self.auth.token_secret.as_deref().is_some_and(|secret| !secret.is_empty())
+            && self.auth.token_secret_file.is_some()
+        {
+            invalid(
+                "auth.token_secret_file",
+                self.auth
+                    .token_secret_file
+                    .as_deref()
+                    .map(|path| path.display().to_string())
+                    .unwrap_or_default(),
+                "set either auth.token_secret or auth.token_secret_file, not both",
+            );
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            invalid(
+                "server.tls_cert",
+                format!(
+                    "{:?} with tls_key {:?}",
+                    self.server.tls_cert, self.server.tls_key
+                ),
+                "set both server.tls_cert and server.tls_key, or neither",
+            );
+        }
+        for proxy in &self.server.trusted_proxies {
+            if let Err(reason) = crate::gateway::admission::parse_network(proxy) {
+                invalid("server.trusted_proxies", proxy.clone(), &reason);
+            }
+        }
+        for origin in &self.server.allowed_origins {
+            if let Err(reason) = crate::gateway::admission::OriginPattern::parse(origin) {
+                invalid("server.allowed_origins", origin.clone(), &reason);
+            }
+        }
+        if self.server.handshake_timeout.is_zero() {
+            invalid(
+                "server.handshake_timeout",
+                "0s".to_owned(),
+                "must be above zero, such as 10s",
+            );
+        }
+        if self.server.max_sessions == 0 {
+            invalid("server.max_sessions", "0".to_owned(), "must be at least 1");
+        }
+        if self.session.max_frame_size == 0
+            || self.session.max_frame_size > self.session.max_message_size
+        {
+            invalid(
+                "session.max_frame_size",
+                self.session.max_frame_size.to_string(),
+                "must be above zero and at most session.max_message_size",
+            );
+        }
+        if self.session.rate_limit == 0 || self.session.rate_limit_burst == 0 {
+            invalid(
+                "session.rate_limit",
+                format!(
+                    "{} (burst {})",
+                    self.session.rate_limit, self.session.rate_limit_burst
+                ),
+                "session.rate_limit and session.rate_limit_burst must be at least 1",
+            );
+        }
         if self.auth.token_ttl > self.auth.max_token_ttl {
             invalid(
                 "auth.token_ttl",
@@ -576,7 +716,7 @@ impl Config {
                 section_table.insert(key.clone(), value.clone());
                 single.insert(section.clone(), toml::Value::Table(section_table));
                 if let Err(error) = Config::deserialize(toml::Value::Table(single)) {
-                    let shown = if path.contains("secret") || path.contains("api_keys") {
+                    let shown = if is_secret_key(&path) {
                         "<redacted>".to_owned()
                     } else if path == "amqp.url" {
                         value
@@ -674,13 +814,18 @@ fn parse_env_value(raw: &str) -> toml::Value {
 }
 
 fn redact_env(key: &str, raw: &str) -> String {
-    if key.contains("secret") || key.contains("api_keys") {
+    if is_secret_key(key) {
         "<redacted>".to_owned()
     } else if key == "amqp.url" {
         redact_url(raw)
     } else {
         raw.to_owned()
     }
+}
+
+/// True for keys whose values are credentials; their values never appear in errors or logs.
+fn is_secret_key(key: &str) -> bool {
+    (key.contains("secret") || key.contains("api_keys")) && !key.ends_with("_file")
 }
 
 /// Replaces the password of a URL with `***`, for logs and errors.
@@ -744,6 +889,7 @@ mod tests {
         let samples = |key: &str| -> &'static str {
             match key {
                 "server.listen" => "127.0.0.1:1",
+                "session.max_frame_size" => "1024",
                 "server.shutdown_timeout" => "1m",
                 "auth.max_token_ttl" => "2h",
                 "mailbox.expires" => "30d",
@@ -762,6 +908,12 @@ mod tests {
                 {
                     "100000"
                 }
+                "server.max_sessions" | "server.max_sessions_per_address" => "50",
+                "server.trusted_proxies" => "[\"10.0.0.0/8\", \"192.0.2.1\"]",
+                "server.allowed_origins" => "[\"https://pay.example.com\"]",
+                "auth.previous_token_secrets" => "[\"0123456789abcdef0123456789abcdef\"]",
+                "auth.clock_skew" => "2s",
+                "session.rate_limit" | "session.rate_limit_burst" => "10",
                 "mailbox.max_length"
                 | "session.pending_ack_window"
                 | "session.max_invalid_frames" => "7",
@@ -778,8 +930,15 @@ mod tests {
         for key in KEYS {
             let variable = env_name(key);
             let value = samples(key);
-            let result =
-                Config::load_with_env(None, |name| (name == variable).then(|| value.to_owned()));
+            // The certificate and its key are only valid together.
+            let partner = match *key {
+                "server.tls_cert" => Some("WSGW_SERVER_TLS_KEY"),
+                "server.tls_key" => Some("WSGW_SERVER_TLS_CERT"),
+                _ => None,
+            };
+            let result = Config::load_with_env(None, |name| {
+                (name == variable || Some(name) == partner).then(|| value.to_owned())
+            });
             assert!(result.is_ok(), "{variable}={value}: {:?}", result.err());
         }
     }

@@ -3,6 +3,7 @@
 //! Invariants: the number of open TCP connections is capped by `server.max_connections`; every task is
 //! tracked and raced against the shutdown token; a token or API key is never logged.
 
+pub mod admission;
 pub mod auth;
 mod broadcast;
 pub mod dedupe;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -155,7 +156,11 @@ impl Gateway {
         let service = service_fn(move |request| {
             http::route(gateway.clone(), remote, permit.clone(), request)
         });
+        // A client gets `server.handshake_timeout` to send a complete request head; one that sends nothing or
+        // trickles bytes (slowloris) is disconnected instead of holding a connection slot.
         let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.server.handshake_timeout)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(connection);
