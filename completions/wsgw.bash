@@ -313,7 +313,7 @@ _wsgw() {
             return 0
             ;;
         wsgw__subcmd__listen)
-            opts="-v -q -h -V --unique-id --client-type --tags --businesses --ttl --count --no-ack --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version"
+            opts="-v -q -h -V --unique-id --client-type --tags --businesses --ttl --count --no-ack --ca-cert --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -340,6 +340,10 @@ _wsgw() {
                     return 0
                     ;;
                 --count)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -749,7 +753,7 @@ _wsgw() {
             return 0
             ;;
         wsgw__subcmd__send)
-            opts="-v -q -h -V --to --to-client-type --business-type --message-type --content --content-file --message-id --from-unique-id --from-client-type --tags --businesses --send-type --wait --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version"
+            opts="-v -q -h -V --to --to-client-type --business-type --message-type --content --content-file --message-id --from-unique-id --from-client-type --tags --businesses --send-type --wait --ca-cert --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -804,6 +808,10 @@ _wsgw() {
                     return 0
                     ;;
                 --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -889,7 +897,7 @@ _wsgw() {
             return 0
             ;;
         wsgw__subcmd__sessions)
-            opts="-v -q -h -V --unique-id --client-type --node --sort --kick --timeout --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version"
+            opts="-v -q -h -V --unique-id --client-type --node --sort --kick --timeout --ca-cert --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -916,6 +924,10 @@ _wsgw() {
                     return 0
                     ;;
                 --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -951,7 +963,7 @@ _wsgw() {
             return 0
             ;;
         wsgw__subcmd__token)
-            opts="-v -q -h -V --unique-id --client-type --tags --businesses --ttl --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version"
+            opts="-v -q -h -V --unique-id --client-type --tags --businesses --ttl --ca-cert --config --server --amqp-url --api-key --output --verbose --quiet --log-format --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -974,6 +986,10 @@ _wsgw() {
                     return 0
                     ;;
                 --ttl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -44,7 +44,7 @@ complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "sessions" -d 'List the li
 complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "replay-dlq" -d 'Inspect, re-deliver or purge the messages in the dead-letter queue (RabbitMQ only)'
 complete -c wsgw -n "__fish_wsgw_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c wsgw -n "__fish_wsgw_using_subcommand serve" -l listen -d 'Address and port to listen on [default: 127.0.0.1:8086]' -r
-complete -c wsgw -n "__fish_wsgw_using_subcommand serve" -l public-url -d 'Base URL that token responses point clients at, such as wss://push.example.com [default: ws://<listen>]' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand serve" -l public-url -d 'Base URL that token responses point clients at, such as wss://push.example.com [default: ws://<listen>, or wss://<listen> when server.tls_cert is set]' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand serve" -l node-name -d 'Name of this node [default: <hostname>-<random>]' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand serve" -l config -d 'Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand serve" -l server -d 'Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the address of the `wsgw serve` that wrote the local credentials]' -r
@@ -64,6 +64,7 @@ complete -c wsgw -n "__fish_wsgw_using_subcommand token" -l client-type -d 'The 
 complete -c wsgw -n "__fish_wsgw_using_subcommand token" -l tags -d 'Tags carried by the token, for broadcasts (comma-separated)' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand token" -l businesses -d 'Businesses carried by the token, for broadcasts (comma-separated)' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand token" -l ttl -d 'Token lifetime, such as 60s or 5m [default: auth.token_ttl, 60s]' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand token" -l ca-cert -d 'PEM file of extra CA certificates to trust for https:// and wss:// gateway URLs, such as the private CA that signed the gateway\'s certificate (the built-in webpki roots stay trusted)' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand token" -l config -d 'Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand token" -l server -d 'Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the address of the `wsgw serve` that wrote the local credentials]' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand token" -l amqp-url -d 'RabbitMQ URL, such as amqp://user:password@host:5672/%2f' -r
@@ -90,6 +91,7 @@ complete -c wsgw -n "__fish_wsgw_using_subcommand send" -l businesses -d 'Busine
 complete -c wsgw -n "__fish_wsgw_using_subcommand send" -l send-type -d 'sendType of the envelope' -r -f -a "server-to-client\t''
 client-to-client\t''"
 complete -c wsgw -n "__fish_wsgw_using_subcommand send" -l wait -d 'Wait until a client acked the message and print the receipt; exit 75 if none did in time (the message stays queued)' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand send" -l ca-cert -d 'PEM file of extra CA certificates to trust for https:// and wss:// gateway URLs, such as the private CA that signed the gateway\'s certificate (the built-in webpki roots stay trusted)' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand send" -l config -d 'Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand send" -l server -d 'Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the address of the `wsgw serve` that wrote the local credentials]' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand send" -l amqp-url -d 'RabbitMQ URL, such as amqp://user:password@host:5672/%2f' -r
@@ -108,6 +110,7 @@ complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -l tags -d 'Tags carri
 complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -l businesses -d 'Businesses carried by the token, for broadcasts (comma-separated)' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -l ttl -d 'Token lifetime, such as 60s or 5m [default: auth.token_ttl, 60s]' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -l count -d 'Exit after this many messages' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -l ca-cert -d 'PEM file of extra CA certificates to trust for https:// and wss:// gateway URLs, such as the private CA that signed the gateway\'s certificate (the built-in webpki roots stay trusted)' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -l config -d 'Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -l server -d 'Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the address of the `wsgw serve` that wrote the local credentials]' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand listen" -l amqp-url -d 'RabbitMQ URL, such as amqp://user:password@host:5672/%2f' -r
@@ -131,6 +134,7 @@ node\t''
 pending\t''"
 complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l kick -d 'Close this session with the close code that makes clients reconnect later' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l timeout -d 'How long to wait for the nodes\' replies' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l ca-cert -d 'PEM file of extra CA certificates to trust for https:// and wss:// gateway URLs, such as the private CA that signed the gateway\'s certificate (the built-in webpki roots stay trusted)' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l config -d 'Config file (TOML) [default: /etc/wsgw/wsgw.toml when it exists]' -r -F
 complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l server -d 'Gateway base URL for the token endpoint and the HTTP API [default: http://127.0.0.1:8086, or the address of the `wsgw serve` that wrote the local credentials]' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand sessions" -l amqp-url -d 'RabbitMQ URL, such as amqp://user:password@host:5672/%2f' -r

@@ -37,6 +37,7 @@ pub fn reference_text() -> String {
          \x20 WSGW_SERVER         gateway URL, as --server\n\
          \x20 WSGW_AMQP_URL       RabbitMQ URL, as --amqp-url\n\
          \x20 WSGW_API_KEY        API key, as --api-key (serve also accepts it)\n\
+         \x20 WSGW_CA_CERT        extra CA certificates (PEM), as --ca-cert\n\
          \x20 WSGW_TOKEN_SECRET   token signing secret (auth.token_secret)\n\
          \x20 WSGW_<SECTION>_<KEY>  any config key, such as WSGW_SESSION_PING_INTERVAL\n\
          \x20 WSGW_STATE_DIR      folder of the local credentials file\n\
@@ -137,6 +138,15 @@ pub enum Command {
     ReplayDlq(ReplayDlqArgs),
 }
 
+/// TLS options of the subcommands that call a gateway over https:// or wss://.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientTlsArgs {
+    /// PEM file of extra CA certificates to trust for https:// and wss:// gateway URLs, such as the private CA
+    /// that signed the gateway's certificate (the built-in webpki roots stay trusted)
+    #[arg(long, env = "WSGW_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct SessionsArgs {
     /// Only sessions of this uniqueId
@@ -157,6 +167,8 @@ pub struct SessionsArgs {
     /// How long to wait for the nodes' replies
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 /// Sort keys of `wsgw sessions`.
@@ -241,7 +253,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGW_SERVER_LISTEN", value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
 
-    /// Base URL that token responses point clients at, such as wss://push.example.com [default: ws://<listen>]
+    /// Base URL that token responses point clients at, such as wss://push.example.com [default: ws://<listen>,
+    /// or wss://<listen> when server.tls_cert is set]
     #[arg(long, env = "WSGW_SERVER_PUBLIC_URL", value_name = "URL")]
     pub public_url: Option<String>,
 
@@ -282,6 +295,8 @@ pub struct IdentityArgs {
 pub struct TokenArgs {
     #[command(flatten)]
     pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -354,6 +369,9 @@ pub struct SendArgs {
         value_parser = humantime::parse_duration
     )]
     pub wait: Option<Duration>,
+
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 /// The sendType values, spelled for the command line.
@@ -384,4 +402,7 @@ pub struct ListenArgs {
     /// Print messages without acking them, so they stay in the mailbox and come again on the next connection
     #[arg(long)]
     pub no_ack: bool,
+
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }

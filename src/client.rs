@@ -20,11 +20,12 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::domain::frame::{ErrorCode, PROTOCOL_V1};
 use crate::domain::{ClientFrame, Envelope, Identity, ServerFrame};
 use crate::http_client::{self, HttpError};
+use crate::tls::{self, ClientTls};
 
 /// A failure of the client.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,10 @@ pub enum ClientError {
     Rejected { status: u16, description: String },
     #[error("cannot connect to {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// The TLS handshake failed, for example because the server's certificate is not trusted: library callers
+    /// trust an extra CA with [`ClientTls::new`].
+    #[error("TLS handshake with {url} failed: {reason}")]
+    Tls { url: String, reason: String },
     #[error("the gateway broke the protocol: {0}")]
     Protocol(String),
     #[error("the connection failed: {0}")]
@@ -87,8 +92,14 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to a `ws://` or `wss://` URL from the token endpoint and waits for the welcome frame.
+    /// Connects to a `ws://` or `wss://` URL from the token endpoint and waits for the welcome frame. A `wss://`
+    /// server's certificate must chain to one of the webpki roots.
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        Self::connect_with_tls(url, &ClientTls::default()).await
+    }
+
+    /// Connects like [`Client::connect`], trusting the certificate authorities of `tls` for `wss://` URLs.
+    pub async fn connect_with_tls(url: &str, tls: &ClientTls) -> Result<Client, ClientError> {
         let mut request = url
             .into_client_request()
             .map_err(|error| ClientError::Connect {
@@ -99,27 +110,11 @@ impl Client {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(PROTOCOL_V1),
         );
-        let (socket, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .map_err(|error| match error {
-                tungstenite::Error::Http(response) => {
-                    let status = response.status().as_u16();
-                    let description = response
-                        .body()
-                        .as_deref()
-                        .and_then(|body| serde_json::from_slice::<ApiAnswer>(body).ok())
-                        .map(|answer| answer.description)
-                        .unwrap_or_else(|| "no description".to_owned());
-                    ClientError::Rejected {
-                        status,
-                        description,
-                    }
-                }
-                other => ClientError::Connect {
-                    url: redact_token(url),
-                    reason: other.to_string(),
-                },
-            })?;
+        let connector = Connector::Rustls(tls.config());
+        let (socket, _) =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, false, Some(connector))
+                .await
+                .map_err(|error| connect_error(url, error))?;
         let mut client = Client {
             socket,
             welcome: Welcome {
@@ -279,6 +274,33 @@ impl Client {
     }
 }
 
+/// Maps a failed WebSocket handshake to a client error: an HTTP rejection with the gateway's description, a
+/// TLS failure with its likely fix, or a connection failure.
+fn connect_error(url: &str, error: tungstenite::Error) -> ClientError {
+    if let tungstenite::Error::Http(response) = &error {
+        let description = response
+            .body()
+            .as_deref()
+            .and_then(|body| serde_json::from_slice::<ApiAnswer>(body).ok())
+            .map(|answer| answer.description)
+            .unwrap_or_else(|| "no description".to_owned());
+        return ClientError::Rejected {
+            status: response.status().as_u16(),
+            description,
+        };
+    }
+    match tls::find_rustls_error(&error) {
+        Some(rustls_error) => ClientError::Tls {
+            url: redact_token(url),
+            reason: tls::describe_handshake_error(rustls_error),
+        },
+        None => ClientError::Connect {
+            url: redact_token(url),
+            reason: error.to_string(),
+        },
+    }
+}
+
 fn close_parts(frame: Option<CloseFrame>) -> (Option<u16>, String) {
     match frame {
         Some(frame) => (Some(u16::from(frame.code)), frame.reason.to_string()),
@@ -312,11 +334,13 @@ pub struct TokenRequest {
     pub ttl: Option<Duration>,
 }
 
-/// Asks the gateway's token endpoint for a connection URL.
+/// Asks the gateway's token endpoint for a connection URL; an https `server` must have a certificate that `tls`
+/// trusts.
 pub async fn request_connection_url(
     server: &str,
     api_key: &str,
     request: &TokenRequest,
+    tls: &ClientTls,
 ) -> Result<String, ClientError> {
     let mut query = url::form_urlencoded::Serializer::new(String::new());
     query.append_pair("uniqueId", &request.identity.unique_id);
@@ -335,12 +359,13 @@ pub async fn request_connection_url(
         server.trim_end_matches('/'),
         query.finish()
     );
-    let (status, body) = http_client::request(
+    let (status, body) = http_client::request_with_tls(
         hyper::Method::GET,
         &url,
         Some(api_key),
         None,
         Duration::from_secs(10),
+        tls,
     )
     .await?;
     let answer: ApiAnswer = serde_json::from_slice(&body).map_err(|error| {

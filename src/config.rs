@@ -346,6 +346,93 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
+impl AuthConfig {
+    /// The token secrets, the signing one first: the lines of `token_secret_file` when it is set, else
+    /// `token_secret` followed by `previous_token_secrets`. Empty when none is configured.
+    pub fn token_secrets(&self) -> Result<Vec<String>, ConfigError> {
+        if let Some(path) = &self.token_secret_file {
+            let secrets = read_lines("auth.token_secret_file", path)?;
+            if secrets.is_empty() {
+                return Err(ConfigError::SecretFile {
+                    key: "auth.token_secret_file",
+                    path: path.clone(),
+                    reason:
+                        "the file holds no secret; write one per line, the signing secret first"
+                            .to_owned(),
+                });
+            }
+            for (index, secret) in secrets.iter().enumerate() {
+                if secret.len() < crate::domain::token::MIN_SECRET_LEN {
+                    return Err(ConfigError::SecretFile {
+                        key: "auth.token_secret_file",
+                        path: path.clone(),
+                        reason: format!(
+                            "secret {} is {} bytes long; use at least 32 random bytes, such as the output of \
+                             `openssl rand -base64 48`",
+                            index + 1,
+                            secret.len()
+                        ),
+                    });
+                }
+            }
+            return Ok(secrets);
+        }
+        let mut secrets: Vec<String> = self
+            .token_secret
+            .iter()
+            .filter(|secret| !secret.is_empty())
+            .cloned()
+            .collect();
+        if !secrets.is_empty() {
+            secrets.extend(self.previous_token_secrets.iter().cloned());
+        }
+        Ok(secrets)
+    }
+
+    /// The API keys of `api_keys` and of `api_keys_file`.
+    pub fn all_api_keys(&self) -> Result<Vec<String>, ConfigError> {
+        let mut keys: Vec<String> = self
+            .api_keys
+            .iter()
+            .filter(|key| !key.is_empty())
+            .cloned()
+            .collect();
+        if let Some(path) = &self.api_keys_file {
+            keys.extend(read_lines("auth.api_keys_file", path)?);
+        }
+        Ok(keys)
+    }
+}
+
+/// Reads a file of credentials: one per line, blank lines and lines starting with `#` skipped.
+fn read_lines(key: &'static str, path: &Path) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::SecretFile {
+        key,
+        path: path.to_path_buf(),
+        reason: format!("{error}; check the path and that the wsgw user may read it"),
+    })?;
+    warn_if_readable_by_others(key, path);
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
+fn warn_if_readable_by_others(key: &str, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(metadata) = std::fs::metadata(path) {
+        if metadata.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                key,
+                path = %path.display(),
+                "the credentials file is readable by other users; restrict it with chmod 600 (or 640 for the wsgw group)"
+            );
+        }
+    }
+}
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
@@ -433,6 +520,12 @@ pub enum ConfigError {
     Value {
         key: String,
         value: String,
+        reason: String,
+    },
+    #[error("cannot use {key} = {path}: {reason}")]
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
         reason: String,
     },
     #[error("invalid config key {key} = {value}: {reason}")]
@@ -591,7 +684,11 @@ impl Config {
                 );
             }
         }
-        if self.auth.token_secret.as_deref().is_some_and(|secret| !secret.is_empty())
+        if self
+            .auth
+            .token_secret
+            .as_deref()
+            .is_some_and(|secret| !secret.is_empty())
             && self.auth.token_secret_file.is_some()
         {
             invalid(

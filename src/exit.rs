@@ -120,6 +120,7 @@ impl From<BrokerError> for CliError {
             | BrokerError::HandshakeTimeout { .. }
             | BrokerError::Unroutable { .. }
             | BrokerError::Operation { .. } => ExitCode::Unavailable,
+            BrokerError::MailboxMismatch { .. } => ExitCode::Config,
             BrokerError::ConfirmTimeout { .. }
             | BrokerError::Blocked { .. }
             | BrokerError::Refused { .. }

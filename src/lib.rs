@@ -16,3 +16,4 @@ pub mod gateway;
 pub mod http_client;
 pub mod metrics;
 pub mod output;
+pub mod tls;

@@ -351,3 +351,46 @@ both_brokers!(
     broadcasts_reach_bound_keys,
     receipt_reaches_waiting_publisher,
 );
+
+/// A mailbox declared with other arguments is a configuration mistake: the publisher says so at once instead of
+/// retrying until its confirm deadline.
+#[tokio::test]
+async fn mailbox_with_other_arguments_is_reported_at_once() {
+    require_rabbitmq!();
+    let env = TestEnv::new();
+    let identity = env.identity("h5");
+    let publisher = env.publisher().await;
+    common::publish_to(&publisher, &identity, json!("first")).await;
+
+    let amqp = wsgw::config::AmqpConfig {
+        prefix: env.prefix.clone(),
+        ..wsgw::config::AmqpConfig::default()
+    };
+    let other_limits = wsgw::config::MailboxConfig {
+        max_length: 5,
+        ..env.mailbox_config()
+    };
+    let other = wsgw::broker::rabbit::Publisher::connect(
+        &common::amqp_url(),
+        &amqp,
+        &other_limits,
+        "mismatched publisher",
+    )
+    .await
+    .expect("publisher connects");
+    let started = std::time::Instant::now();
+    let error = other
+        .publish(&direct(&identity, json!("second")))
+        .await
+        .expect_err("the declare must fail");
+    assert!(
+        matches!(error, BrokerError::MailboxMismatch { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("[mailbox]"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "reported after {:?}",
+        started.elapsed()
+    );
+}

@@ -381,7 +381,8 @@ async fn bad_tokens_are_rejected_with_401() {
         client_type: identity.client_type.clone(),
         tags: Vec::new(),
         businesses: Vec::new(),
-        expires_at_ms: wsgw::domain::envelope::unix_millis(SystemTime::now()) - 1000,
+        // Past the default clock skew tolerance of 5 s.
+        expires_at_ms: wsgw::domain::envelope::unix_millis(SystemTime::now()) - 60_000,
         nonce: "expired-nonce".to_owned(),
     });
     let url = format!("ws://{}/socket/{expired}", server.address);

@@ -144,6 +144,10 @@ pub enum BrokerError {
         "message {message_id} was not accepted: the in-process broker holds its maximum of {limit} messages; consume or wait, or use RabbitMQ"
     )]
     MemoryFull { message_id: String, limit: usize },
+    #[error(
+        "mailbox {queue} exists with other arguments ({reason}); set [mailbox] back to the values it was declared with, or move to a new amqp.prefix"
+    )]
+    MailboxMismatch { queue: String, reason: String },
     #[error("RabbitMQ {operation} on {object} failed: {reason}")]
     Operation {
         operation: &'static str,
@@ -249,6 +253,11 @@ pub enum ControlMessage {
         identity: Identity,
         session_id: String,
         node: String,
+        /// Nonce of the session's token and its expiry, so every node rejects the token from now on.
+        #[serde(default)]
+        token_nonce: Option<String>,
+        #[serde(default)]
+        token_expires_at_ms: u64,
     },
     /// A node is alive. Nodes remember their peers, so `wsgw sessions` can name the ones that do not reply.
     #[serde(rename_all = "camelCase")]

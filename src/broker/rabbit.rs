@@ -906,19 +906,19 @@ async fn declare_mailbox(
         )
         .await
         .map_err(|error| {
-            let text = error.to_string();
-            let reason = if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
-                format!(
-                    "{text}; the mailbox exists with other arguments (TTL, expiry or length), so \
-                     restore the old [mailbox] settings or migrate to a new amqp.prefix"
-                )
+            let reason = error.to_string();
+            // Permanent, so it is reported at once rather than retried until a publish times out.
+            if reason.contains("PRECONDITION_FAILED") || reason.contains("inequivalent") {
+                BrokerError::MailboxMismatch {
+                    queue: queue.clone(),
+                    reason,
+                }
             } else {
-                text
-            };
-            BrokerError::Operation {
-                operation: "queue.declare",
-                object: queue.clone(),
-                reason,
+                BrokerError::Operation {
+                    operation: "queue.declare",
+                    object: queue.clone(),
+                    reason,
+                }
             }
         })?;
     // The uniqueId binding lets one publish reach every client type of the uniqueId.
@@ -1346,6 +1346,12 @@ impl RabbitBroker {
             .await
             .map_err(operation_error("basic.consume", &queue))?;
         let acker_queue = queue.clone();
+        // lapin cancels a consumer when its last handle drops, in a background task whose failure it treats as
+        // an error of the whole connection. If that cancel runs while the channel is already closing, every
+        // session on the connection dies ("invalid channel state: Closing (basic.cancel)"). So the release
+        // keeps a handle until the close has started, which marks the consumer as cancelling and makes the
+        // drop a no-op.
+        let consumer_handle = consumer.clone();
         let deliveries = consumer
             .take_while(|item| future::ready(item.is_ok()))
             .filter_map(|item| future::ready(item.ok()))
@@ -1356,6 +1362,7 @@ impl RabbitBroker {
             if let Err(error) = channel.close(200, "session closed".into()).await {
                 debug!(queue = %queue, %error, "closing a session channel failed; the broker requeues on connection loss");
             }
+            drop(consumer_handle);
             drop(slot);
         }
         .boxed();

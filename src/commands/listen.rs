@@ -12,8 +12,11 @@ use crate::exit::{CliError, ExitCode};
 use crate::output::{self, WriteOutcome};
 
 pub async fn run(global: &GlobalArgs, args: &ListenArgs) -> Result<(), CliError> {
-    let url = super::connection_url(global, &args.identity).await?;
-    let mut client = Client::connect(&url).await.map_err(super::client_error)?;
+    let tls = super::client_tls(&args.tls)?;
+    let url = super::connection_url(global, &args.identity, &tls).await?;
+    let mut client = Client::connect_with_tls(&url, &tls)
+        .await
+        .map_err(super::client_error)?;
     info!(
         session_id = %client.welcome.session_id,
         node = %client.welcome.node,

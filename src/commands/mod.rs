@@ -9,12 +9,13 @@ pub mod token;
 
 use std::time::SystemTime;
 
-use crate::cli::{Cli, Command, GlobalArgs, IdentityArgs};
+use crate::cli::{Cli, ClientTlsArgs, Command, GlobalArgs, IdentityArgs};
 use crate::client::{self, TokenRequest};
 use crate::config::Config;
 use crate::credentials;
 use crate::domain::{Identity, TokenSigner};
 use crate::exit::{CliError, ExitCode};
+use crate::tls::{ClientTls, TlsError};
 
 /// Default gateway URL for the CLI.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8086";
@@ -73,6 +74,7 @@ pub fn websocket_base(url: &str) -> Result<String, String> {
 pub async fn connection_url(
     global: &GlobalArgs,
     identity_args: &IdentityArgs,
+    tls: &ClientTls,
 ) -> Result<String, CliError> {
     let config = load_config(global)?;
     let identity = Identity::new(&identity_args.unique_id, &identity_args.client_type)
@@ -86,9 +88,10 @@ pub async fn connection_url(
     let server = server_url(global);
 
     if let Some(api_key) = &global.api_key {
-        return fetch_url(&server, api_key, &request).await;
+        return fetch_url(&server, api_key, &request, tls).await;
     }
-    if let Some(secret) = &config.auth.token_secret {
+    let secrets = config.auth.token_secrets()?;
+    if let Some(secret) = secrets.first() {
         let signer = TokenSigner::new(secret.as_bytes())
             .map_err(|error| CliError::new(ExitCode::Config, error))?;
         let base = match &config.server.public_url {
@@ -108,7 +111,7 @@ pub async fn connection_url(
         return Ok(format!("{base}/socket/{token}"));
     }
     if let Some(local) = credentials::load() {
-        return fetch_url(&server, &local.api_key, &request).await;
+        return fetch_url(&server, &local.api_key, &request, tls).await;
     }
     Err(CliError::msg(
         ExitCode::Config,
@@ -121,10 +124,23 @@ async fn fetch_url(
     server: &str,
     api_key: &str,
     request: &TokenRequest,
+    tls: &ClientTls,
 ) -> Result<String, CliError> {
-    client::request_connection_url(server, api_key, request)
+    client::request_connection_url(server, api_key, request, tls)
         .await
         .map_err(client_error)
+}
+
+/// Builds the client TLS settings from `--ca-cert` (WSGW_CA_CERT): the webpki roots plus the CA certificates in
+/// that file, if given.
+pub fn client_tls(args: &ClientTlsArgs) -> Result<ClientTls, CliError> {
+    ClientTls::new(args.ca_cert.as_deref()).map_err(|error| {
+        let code = match &error {
+            TlsError::NotFound { .. } | TlsError::Read { .. } => ExitCode::NoInput,
+            _ => ExitCode::Config,
+        };
+        CliError::msg(code, format!("invalid --ca-cert: {error}"))
+    })
 }
 
 /// Maps a client error to the exit code for its kind.
@@ -137,9 +153,9 @@ pub fn client_error(error: client::ClientError) -> CliError {
             status: 400..=499, ..
         } => ExitCode::DataError,
         client::ClientError::Rejected { .. } => ExitCode::Unavailable,
-        client::ClientError::Connect { .. } | client::ClientError::Connection(_) => {
-            ExitCode::Unavailable
-        }
+        client::ClientError::Connect { .. }
+        | client::ClientError::Tls { .. }
+        | client::ClientError::Connection(_) => ExitCode::Unavailable,
         client::ClientError::Protocol(_) => ExitCode::Protocol,
         client::ClientError::Http(_) => ExitCode::Unavailable,
     };

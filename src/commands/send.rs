@@ -48,7 +48,7 @@ pub async fn run(global: &GlobalArgs, args: &SendArgs) -> Result<(), CliError> {
             publisher.close().await;
             result?
         }
-        None => post(global, &publication.envelope, args.wait).await?,
+        None => post(global, args, &publication.envelope).await?,
     };
 
     let line = match global.output {
@@ -102,9 +102,11 @@ struct PostedData {
 /// Publishes through the gateway's `POST /api/v1/messages`.
 async fn post(
     global: &GlobalArgs,
+    args: &SendArgs,
     envelope: &Envelope,
-    wait: Option<Duration>,
 ) -> Result<(Published, Option<Receipt>), CliError> {
+    let wait = args.wait;
+    let tls = super::client_tls(&args.tls)?;
     let server = super::server_url(global);
     let api_key = global
         .api_key
@@ -122,12 +124,13 @@ async fn post(
         url.push_str(&format!("?wait={}", humantime::format_duration(wait)));
     }
     let timeout = wait.unwrap_or_default() + Duration::from_secs(30);
-    let (status, body) = http_client::request(
+    let (status, body) = http_client::request_with_tls(
         hyper::Method::POST,
         &url,
         Some(&api_key),
         Some(envelope.to_json().into_bytes()),
         timeout,
+        &tls,
     )
     .await
     .map_err(|error| CliError::new(ExitCode::Unavailable, error))?;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
@@ -14,6 +15,7 @@ use crate::credentials;
 use crate::domain::TokenSigner;
 use crate::exit::{CliError, ExitCode};
 use crate::gateway::Gateway;
+use crate::tls;
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> {
@@ -31,6 +33,7 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
         config.server.node_name = Some(node_name.clone());
     }
     let node = config.node_name();
+    let tls_acceptor = server_tls(&config)?;
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -56,6 +59,7 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
                 format!("invalid server.public_url: {message}"),
             )
         })?,
+        None if tls_acceptor.is_some() => format!("wss://{local}"),
         None => format!("ws://{local}"),
     };
     let (signer, api_keys, local_server) = secrets(&config, global.api_key.as_deref(), local)?;
@@ -89,14 +93,23 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
         shutdown,
     );
     let shutdown_timeout = gateway.config.server.shutdown_timeout;
-    info!(listen = %local, public_url = %public_url, node = %node, "listening");
+    info!(
+        listen = %local,
+        public_url = %public_url,
+        node = %node,
+        tls = tls_acceptor.is_some(),
+        "listening"
+    );
     // The listener is bound and the broker connected: tell systemd (Type=notify) the service is ready.
     notify_systemd(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("serving"),
     ]);
     spawn_watchdog(gateway.shutdown.clone());
-    gateway.serve(listener, shutdown_timeout).await;
+    spawn_reload_handler(gateway.clone(), global.clone(), local);
+    gateway
+        .serve_with_tls(listener, shutdown_timeout, tls_acceptor)
+        .await;
     broker.close().await;
     if let Some(server) = local_server {
         credentials::release_server(&server);
@@ -105,14 +118,17 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
     Ok(())
 }
 
-/// `wsgw serve --check`: reports every invalid key on stderr, or that the configuration is valid.
+/// `wsgw serve --check`: reports every invalid key on stderr, or else a TLS certificate or key that cannot be
+/// loaded, or else that the configuration is valid.
 fn check(global: &GlobalArgs) -> Result<(), CliError> {
     let source = global
         .config
         .clone()
         .unwrap_or_else(|| std::path::PathBuf::from(crate::config::DEFAULT_CONFIG_PATH));
     match Config::check(global.config.as_deref()) {
-        Ok(_) => {
+        Ok(config) => {
+            // Every key is valid; also load the TLS files they name, as serving would.
+            server_tls(&config)?;
             crate::output::print_line(&format!("configuration is valid ({})", source.display()))?;
             Ok(())
         }
@@ -132,6 +148,16 @@ fn check(global: &GlobalArgs) -> Result<(), CliError> {
     }
 }
 
+/// Loads `server.tls_cert` and `server.tls_key` into a TLS acceptor when they are set; `None` means plain HTTP.
+fn server_tls(config: &Config) -> Result<Option<TlsAcceptor>, CliError> {
+    let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) else {
+        return Ok(None);
+    };
+    let server_config = tls::load_server_config(cert, key)
+        .map_err(|error| CliError::new(ExitCode::Config, error))?;
+    Ok(Some(TlsAcceptor::from(server_config)))
+}
+
 /// The token signer and accepted API keys: from the config and environment, else (on a loopback address
 /// only) from the local credentials file, generated on first use. Also returns the server URL recorded in that
 /// file, if it was used.
@@ -140,19 +166,15 @@ fn secrets(
     api_key_flag: Option<&str>,
     local: std::net::SocketAddr,
 ) -> Result<(TokenSigner, Vec<String>, Option<String>), CliError> {
-    let mut api_keys = config.auth.api_keys.clone();
-    if let Some(key) = api_key_flag {
+    let config_error = |error: crate::config::ConfigError| CliError::new(ExitCode::Config, error);
+    let mut api_keys = config.auth.all_api_keys().map_err(config_error)?;
+    if let Some(key) = api_key_flag.filter(|key| !key.is_empty()) {
         api_keys.push(key.to_owned());
     }
-    api_keys.retain(|key| !key.is_empty());
     let mut local_server = None;
-    let mut secret = config
-        .auth
-        .token_secret
-        .clone()
-        .filter(|secret| !secret.is_empty());
+    let mut secrets = config.auth.token_secrets().map_err(config_error)?;
 
-    if secret.is_none() || api_keys.is_empty() {
+    if secrets.is_empty() || api_keys.is_empty() {
         if !local.ip().is_loopback() {
             return Err(CliError::msg(
                 ExitCode::Config,
@@ -163,7 +185,12 @@ fn secrets(
                 ),
             ));
         }
-        let server = format!("http://{local}");
+        let scheme = if config.server.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let server = format!("{scheme}://{local}");
         let (generated, path) = credentials::load_or_create(&server).map_err(|error| {
             CliError::msg(
                 ExitCode::Config,
@@ -175,19 +202,63 @@ fn secrets(
             "no token secret or API key configured; using local credentials (for this machine only)"
         );
         local_server = Some(server);
-        secret.get_or_insert(generated.token_secret);
+        if secrets.is_empty() {
+            secrets.push(generated.token_secret);
+        }
         if api_keys.is_empty() {
             api_keys.push(generated.api_key);
         }
     }
-    let secret = secret.unwrap_or_default();
-    let signer = TokenSigner::new(secret.as_bytes()).map_err(|error| {
-        CliError::msg(
-            ExitCode::Config,
-            format!("invalid auth.token_secret: {error}"),
-        )
-    })?;
+    let invalid = |error: crate::domain::TokenError| {
+        CliError::msg(ExitCode::Config, format!("invalid token secret: {error}"))
+    };
+    let mut secrets = secrets.iter();
+    let signing = secrets.next().map(String::as_bytes).unwrap_or_default();
+    let mut signer = TokenSigner::new(signing).map_err(invalid)?;
+    for secret in secrets {
+        signer = signer.accepting(secret.as_bytes()).map_err(invalid)?;
+    }
     Ok((signer, api_keys, local_server))
+}
+
+/// On SIGHUP (`systemctl reload wsgw`), reads the token secrets and API keys again from the config file, the
+/// environment and the secret files, so they rotate without a restart. Other settings need a restart. A reload
+/// that fails keeps the current keys.
+fn spawn_reload_handler(gateway: Arc<Gateway>, global: GlobalArgs, local: std::net::SocketAddr) {
+    tokio::spawn(async move {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => signal,
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGHUP; secrets reload only on restart");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = gateway.shutdown.cancelled() => break,
+                received = hangup.recv() => if received.is_none() { break },
+            }
+            notify_systemd(&[sd_notify::NotifyState::Reloading]);
+            let reloaded = super::load_config(&global)
+                .and_then(|config| secrets(&config, global.api_key.as_deref(), local));
+            match reloaded {
+                Ok((signer, api_keys, _)) => {
+                    info!(
+                        accepted_secrets = signer.accepted_secrets(),
+                        api_keys = api_keys.len(),
+                        "SIGHUP: reloaded token secrets and API keys"
+                    );
+                    gateway.reload_keys(signer, api_keys);
+                }
+                Err(error) => warn!(
+                    %error,
+                    "SIGHUP: reloading token secrets and API keys failed; keeping the current ones"
+                ),
+            }
+            notify_systemd(&[sd_notify::NotifyState::Ready]);
+        }
+    });
 }
 
 /// Sends a state to systemd when it started the service with Type=notify (NOTIFY_SOCKET is set).

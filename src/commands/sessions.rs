@@ -276,6 +276,7 @@ async fn ask_nodes(config: &Config, url: &str, args: &SessionsArgs) -> Result<An
 
 /// Asks the single gateway at --server over HTTP (the in-process broker has no control exchange).
 async fn ask_gateway(global: &GlobalArgs, args: &SessionsArgs) -> Result<Answers, CliError> {
+    let tls = super::client_tls(&args.tls)?;
     let server = super::server_url(global);
     let api_key = global
         .api_key
@@ -295,9 +296,10 @@ async fn ask_gateway(global: &GlobalArgs, args: &SessionsArgs) -> Result<Answers
         ),
         None => (hyper::Method::GET, format!("{server}/api/v1/sessions")),
     };
-    let (status, body) = http_client::request(method, &url, Some(&api_key), None, args.timeout)
-        .await
-        .map_err(|error| CliError::new(ExitCode::Unavailable, error))?;
+    let (status, body) =
+        http_client::request_with_tls(method, &url, Some(&api_key), None, args.timeout, &tls)
+            .await
+            .map_err(|error| CliError::new(ExitCode::Unavailable, error))?;
     let answer: ApiAnswer = serde_json::from_slice(&body).map_err(|error| {
         CliError::msg(
             ExitCode::Protocol,

@@ -306,6 +306,18 @@ pub fn validate_tags(field: &'static str, values: &[String]) -> Result<(), Envel
 mod tests {
     use super::*;
 
+    #[test]
+    fn numbers_in_content_survive_a_round_trip() {
+        let text = r#"{"sendType":"SERVER_TO_CLIENT","messageType":"m","businessType":"b","toUniqueId":"u",
+            "toClientType":"h5","content":[1.2345672456389011e+20,0.1,12.5,18446744073709551615,-9007199254740993]}"#;
+        let envelope = Envelope::from_json(text).expect("valid envelope");
+        let again = Envelope::from_json(&envelope.to_json()).expect("valid envelope");
+        assert_eq!(again, envelope);
+        assert_eq!(envelope.content[0].as_f64(), Some(1.2345672456389011e20));
+        assert_eq!(envelope.content[3].as_u64(), Some(u64::MAX));
+        assert_eq!(envelope.content[4].as_i64(), Some(-9_007_199_254_740_993));
+    }
+
     fn sample() -> Envelope {
         Envelope::from_json(
             r#"{"sendType":"SERVER_TO_CLIENT","messageType":"QR_REFRESH","businessType":"qrcode",

@@ -26,8 +26,13 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     /// A message from the client exceeded `session.max_message_size`.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// The client broke the protocol too often (for example, repeated invalid frames).
+    /// The client broke the protocol too often (for example, repeated invalid frames), or its connection used a
+    /// token another connection had already used.
     pub const POLICY_VIOLATION: u16 = 1008;
+    /// A text frame from the client was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// The client broke the WebSocket framing rules (for example, an unknown opcode or an unmasked frame).
+    pub const PROTOCOL_ERROR: u16 = 1002;
 }
 
 /// Error codes carried by [`ServerFrame::Error`].
@@ -50,6 +55,8 @@ pub enum ErrorCode {
     Unavailable,
     /// The sender may not message that recipient.
     Forbidden,
+    /// The client sent more messages than `session.rate_limit` allows; resend later with the same messageId.
+    RateLimited,
 }
 
 /// A frame the gateway sends to a client.

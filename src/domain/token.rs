@@ -66,15 +66,26 @@ pub enum TokenError {
     WeakSecret(usize),
 }
 
-/// Mints and verifies tokens with one secret.
+/// Mints tokens with one secret and verifies them with it and any former secrets still accepted.
+///
+/// Rotation without downtime: every node first accepts the new secret ([`TokenSigner::accepting`]), then signs
+/// with it while still accepting the old one, and drops the old one once tokens signed by it have expired.
 #[derive(Clone)]
 pub struct TokenSigner {
-    secret: Vec<u8>,
+    /// The signing secret first, then secrets that are only accepted.
+    secrets: Vec<Vec<u8>>,
+    /// How far past its expiry a token is still accepted.
+    clock_skew: Duration,
 }
 
 impl std::fmt::Debug for TokenSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TokenSigner { secret: <redacted> }")
+        write!(
+            f,
+            "TokenSigner {{ secrets: <{} redacted>, clock_skew: {:?} }}",
+            self.secrets.len(),
+            self.clock_skew
+        )
     }
 }
 
@@ -85,8 +96,29 @@ impl TokenSigner {
             return Err(TokenError::WeakSecret(secret.len()));
         }
         Ok(TokenSigner {
-            secret: secret.to_vec(),
+            secrets: vec![secret.to_vec()],
+            clock_skew: Duration::ZERO,
         })
+    }
+
+    /// Also accepts tokens signed with `secret`, a former or upcoming signing secret.
+    pub fn accepting(mut self, secret: &[u8]) -> Result<Self, TokenError> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(TokenError::WeakSecret(secret.len()));
+        }
+        self.secrets.push(secret.to_vec());
+        Ok(self)
+    }
+
+    /// Accepts tokens up to `skew` past their expiry, for clocks that differ between nodes.
+    pub fn with_clock_skew(mut self, skew: Duration) -> Self {
+        self.clock_skew = skew;
+        self
+    }
+
+    /// Number of secrets whose tokens verify, the signing one included.
+    pub fn accepted_secrets(&self) -> usize {
+        self.secrets.len()
     }
 
     /// Mints a token for `identity` that expires `ttl` after `now`.
@@ -114,7 +146,8 @@ impl TokenSigner {
         // Serializing a struct of strings and integers cannot fail.
         let json = serde_json::to_vec(claims).unwrap_or_default();
         let body = format!("{VERSION}.{}", URL_SAFE_NO_PAD.encode(json));
-        let signature = URL_SAFE_NO_PAD.encode(self.mac(&body).finalize().into_bytes());
+        let signature =
+            URL_SAFE_NO_PAD.encode(mac(&self.secrets[0], &body).finalize().into_bytes());
         format!("{body}.{signature}")
     }
 
@@ -128,28 +161,33 @@ impl TokenSigner {
         let signature = URL_SAFE_NO_PAD
             .decode(signature)
             .map_err(|_| TokenError::Malformed)?;
-        self.mac(body)
-            .verify_slice(&signature)
-            .map_err(|_| TokenError::BadSignature)?;
+        // Every accepted secret is tried, so the time taken does not tell which one matched.
+        let verified = self.secrets.iter().fold(false, |verified, secret| {
+            verified | mac(secret, body).verify_slice(&signature).is_ok()
+        });
+        if !verified {
+            return Err(TokenError::BadSignature);
+        }
         let json = URL_SAFE_NO_PAD
             .decode(claims)
             .map_err(|_| TokenError::Malformed)?;
         let claims: TokenClaims =
             serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
-        if claims.expires_at_ms <= unix_millis(now) {
+        let skew_ms = u64::try_from(self.clock_skew.as_millis()).unwrap_or(u64::MAX);
+        if claims.expires_at_ms.saturating_add(skew_ms) <= unix_millis(now) {
             return Err(TokenError::Expired);
         }
         Identity::new(&claims.unique_id, &claims.client_type).map_err(|_| TokenError::Malformed)?;
         Ok(claims)
     }
+}
 
-    fn mac(&self, body: &str) -> Hmac<Sha256> {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.secret)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(body.as_bytes());
-        mac
-    }
+fn mac(secret: &[u8], body: &str) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(body.as_bytes());
+    mac
 }
 
 #[cfg(test)]
@@ -210,6 +248,57 @@ mod tests {
         let token = signer().mint(&identity(), &[], &[], Duration::from_secs(60), now);
         let other = TokenSigner::new(&[8u8; 32]).expect("valid");
         assert_eq!(other.verify(&token, now), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn rotation_accepts_old_and_new_secret() {
+        let now = SystemTime::now();
+        let old = signer();
+        let new = TokenSigner::new(&[8u8; 32]).expect("valid");
+        let old_token = old.mint(&identity(), &[], &[], Duration::from_secs(60), now);
+        // Step 1: nodes accept the new secret while still signing with the old one.
+        let accepting_new = signer().accepting(&[8u8; 32]).expect("valid");
+        let new_token = new.mint(&identity(), &[], &[], Duration::from_secs(60), now);
+        assert!(accepting_new.verify(&new_token, now).is_ok());
+        // Step 2: nodes sign with the new secret and still accept the old one.
+        let rotated = TokenSigner::new(&[8u8; 32])
+            .expect("valid")
+            .accepting(&[7u8; 32])
+            .expect("valid");
+        assert!(rotated.verify(&old_token, now).is_ok());
+        assert!(
+            new.verify(
+                &rotated.mint(&identity(), &[], &[], Duration::from_secs(60), now),
+                now
+            )
+            .is_ok()
+        );
+        // Step 3: the old secret is dropped.
+        assert_eq!(new.verify(&old_token, now), Err(TokenError::BadSignature));
+        assert_eq!(
+            signer().accepting(b"short").err(),
+            Some(TokenError::WeakSecret(5))
+        );
+    }
+
+    #[test]
+    fn clock_skew_extends_acceptance_past_expiry() {
+        let now = SystemTime::now();
+        let token = signer().mint(&identity(), &[], &[], Duration::from_secs(60), now);
+        let tolerant = signer().with_clock_skew(Duration::from_secs(5));
+        assert!(
+            tolerant
+                .verify(&token, now + Duration::from_secs(63))
+                .is_ok()
+        );
+        assert_eq!(
+            tolerant.verify(&token, now + Duration::from_secs(66)),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            signer().verify(&token, now + Duration::from_secs(61)),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]

@@ -34,18 +34,38 @@ pub enum ClaimError {
     Full,
 }
 
-/// Nonces of tokens already used on this node, each kept until its token expires.
+/// Nonces of tokens already used, on this node or announced by another, each kept until its token can no longer
+/// verify: its expiry plus the clock skew tolerance.
 pub struct UsedTokens {
     capacity: usize,
+    clock_skew_ms: u64,
     used: Mutex<HashMap<String, u64>>,
 }
 
 impl UsedTokens {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, clock_skew: std::time::Duration) -> Self {
         UsedTokens {
             capacity,
+            clock_skew_ms: u64::try_from(clock_skew.as_millis()).unwrap_or(u64::MAX),
             used: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records a nonce another node used, so this node rejects its token too. Past capacity, expired entries are
+    /// pruned first; when the table is still full the nonce is not recorded (the token expires soon anyway).
+    pub fn remember(&self, nonce: &str, expires_at_ms: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.len() >= self.capacity {
+            let now = crate::domain::envelope::unix_millis(std::time::SystemTime::now());
+            used.retain(|_, expires| *expires > now);
+            if used.len() >= self.capacity {
+                return;
+            }
+        }
+        used.insert(
+            nonce.to_owned(),
+            expires_at_ms.saturating_add(self.clock_skew_ms),
+        );
     }
 
     /// Marks a nonce as used; fails if it was used before or the table is full.
@@ -60,7 +80,10 @@ impl UsedTokens {
                 return Err(ClaimError::Full);
             }
         }
-        used.insert(nonce.to_owned(), expires_at_ms);
+        used.insert(
+            nonce.to_owned(),
+            expires_at_ms.saturating_add(self.clock_skew_ms),
+        );
         Ok(())
     }
 }
@@ -87,7 +110,7 @@ mod tests {
 
     #[test]
     fn claim_rejects_reuse_and_prunes_expired() {
-        let used = UsedTokens::new(2);
+        let used = UsedTokens::new(2, std::time::Duration::ZERO);
         assert_eq!(used.claim("a", 100, 0), Ok(()));
         assert_eq!(used.claim("a", 100, 0), Err(ClaimError::Reused));
         assert_eq!(used.claim("b", 100, 0), Ok(()));

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{debug, info};
 
 use super::Gateway;
+use super::admission::AdmissionError;
 use super::auth::{self, ClaimError};
 use super::session;
 use crate::broker::{BrokerError, Publication};
@@ -45,7 +46,14 @@ pub async fn route(
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, "ok", None),
         (&Method::GET, "/readyz") => readiness(&gateway),
         (&Method::GET, "/metrics") => metrics(&gateway),
-        (&Method::GET, "/websocket/token") => issue_token(&gateway, &request),
+        (&Method::GET, "/websocket/token") => {
+            let origin = request_origin(&request);
+            match foreign_origin(&gateway, &origin) {
+                Some(rejection) => rejection,
+                None => with_cors(&gateway, &origin, issue_token(&gateway, &request)),
+            }
+        }
+        (&Method::OPTIONS, "/websocket/token") => preflight(&gateway, &request),
         (&Method::POST, "/api/v1/messages") => publish_message(&gateway, request).await,
         (&Method::GET, "/api/v1/sessions") => list_sessions(&gateway, &request),
         (&Method::DELETE, path) if path.starts_with("/api/v1/sessions/") => {
@@ -54,7 +62,7 @@ pub async fn route(
         (&Method::GET, path) if path.starts_with("/socket/") => {
             upgrade(gateway, remote, permit, request).await
         }
-        (_, "/healthz" | "/readyz" | "/websocket/token") => error_response(
+        (_, "/healthz" | "/readyz" | "/websocket/token" | "/metrics") => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed; use GET".to_owned(),
         ),
@@ -74,6 +82,82 @@ pub async fn route(
         ),
     };
     Ok(response)
+}
+
+/// Reads the request's `Origin` header: None when absent, `Some(Err(()))` when it is not text.
+fn request_origin(request: &Request<Incoming>) -> Option<Result<String, ()>> {
+    request
+        .headers()
+        .get(header::ORIGIN)
+        .map(|value| value.to_str().map(str::to_owned).map_err(|_| ()))
+}
+
+/// Returns the 403 response for a browser request from an origin outside `server.allowed_origins`, if it is one.
+fn foreign_origin(gateway: &Gateway, origin: &Option<Result<String, ()>>) -> Option<HttpResponse> {
+    let allowed = match origin {
+        None => true,
+        Some(Ok(origin)) => gateway.origins.allows(Some(origin)),
+        Some(Err(())) => false,
+    };
+    if allowed {
+        return None;
+    }
+    let shown = match origin {
+        Some(Ok(origin)) => format!("{origin:?}"),
+        _ => "(not text)".to_owned(),
+    };
+    Some(error_response(
+        StatusCode::FORBIDDEN,
+        format!("origin {shown} is not allowed; an operator can add it to server.allowed_origins"),
+    ))
+}
+
+/// Lets a browser page from an allowed origin read the response (CORS).
+fn with_cors(
+    gateway: &Gateway,
+    origin: &Option<Result<String, ()>>,
+    mut response: HttpResponse,
+) -> HttpResponse {
+    if let Some(Ok(origin)) = origin {
+        if gateway.origins.allows(Some(origin)) {
+            if let Ok(value) = HeaderValue::from_str(origin) {
+                let headers = response.headers_mut();
+                headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+                headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+            }
+        }
+    }
+    response
+}
+
+/// `OPTIONS /websocket/token`: the CORS preflight of a browser that sends the API key in `Authorization`.
+fn preflight(gateway: &Gateway, request: &Request<Incoming>) -> HttpResponse {
+    let origin = request_origin(request);
+    if origin.is_none() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "a CORS preflight needs an Origin header".to_owned(),
+        );
+    }
+    if let Some(rejection) = foreign_origin(gateway, &origin) {
+        return rejection;
+    }
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Authorization"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    with_cors(gateway, &origin, response)
 }
 
 /// `GET /metrics`: OpenMetrics text, which Prometheus reads. It holds no secrets and needs no API key.
@@ -119,7 +203,7 @@ fn authorize(gateway: &Gateway, request: &Request<Incoming>) -> Option<HttpRespo
             "missing API key; send it as `Authorization: Bearer <key>`".to_owned(),
         ));
     };
-    if !auth::api_key_matches(&gateway.api_keys, key) {
+    if !auth::api_key_matches(&gateway.keys().api_keys, key) {
         return Some(error_response(
             StatusCode::UNAUTHORIZED,
             "invalid API key; use a key listed in auth.api_keys (for a local wsgw serve without one, the apiKey in its credentials.json)".to_owned(),
@@ -182,6 +266,7 @@ fn issue_token(gateway: &Gateway, request: &Request<Incoming>) -> HttpResponse {
         return error_response(StatusCode::BAD_REQUEST, error.to_string());
     }
     let token = gateway
+        .keys()
         .signer
         .mint(&identity, &tags, &businesses, ttl, SystemTime::now());
     let url = format!("{}/socket/{token}", gateway.public_url);
@@ -204,6 +289,19 @@ async fn upgrade(
     permit: Arc<OwnedSemaphorePermit>,
     mut request: Request<Incoming>,
 ) -> HttpResponse {
+    if let Some(rejection) = foreign_origin(&gateway, &request_origin(&request)) {
+        info!(%remote, "rejected a WebSocket connection from a foreign origin");
+        return rejection;
+    }
+    let client_ip = gateway.proxies.client_address(
+        remote.ip(),
+        request
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|value| value.to_str().ok()),
+    );
+    let client = SocketAddr::new(client_ip, remote.port());
     let headers = request.headers();
     let has_token = |name: header::HeaderName, expected: &str| {
         headers.get_all(name).iter().any(|value| {
@@ -260,11 +358,23 @@ async fn upgrade(
 
     let token = request.uri().path().trim_start_matches("/socket/");
     let now = SystemTime::now();
-    let claims = match gateway.signer.verify(token, now) {
+    let claims = match gateway.keys().signer.verify(token, now) {
         Ok(claims) => claims,
         Err(error) => {
-            info!(%remote, reason = %error, "rejected a WebSocket connection");
+            info!(%client, reason = %error, "rejected a WebSocket connection");
             return error_response(StatusCode::UNAUTHORIZED, error.to_string());
+        }
+    };
+    // Checked before the token is spent, so a client turned away here can retry with the same token.
+    let admission = match gateway.session_limits.admit(client_ip) {
+        Ok(admission) => admission,
+        Err(error) => {
+            info!(%client, identity = %claims.identity(), reason = %error, "rejected a WebSocket connection");
+            let status = match error {
+                AdmissionError::NodeFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+                AdmissionError::AddressFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            };
+            return error_response(status, error.to_string());
         }
     };
     match gateway
@@ -273,7 +383,7 @@ async fn upgrade(
     {
         Ok(()) => {}
         Err(ClaimError::Reused) => {
-            info!(%remote, identity = %claims.identity(), "rejected a reused token");
+            info!(%client, identity = %claims.identity(), "rejected a reused token");
             return error_response(StatusCode::UNAUTHORIZED, TokenError::Reused.to_string());
         }
         Err(ClaimError::Full) => {
@@ -291,7 +401,7 @@ async fn upgrade(
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(error) => {
-                debug!(%remote, %error, "WebSocket upgrade failed");
+                debug!(%client, %error, "WebSocket upgrade failed");
                 return;
             }
         };
@@ -300,11 +410,12 @@ async fn upgrade(
             .write_buffer_size(session_config.write_buffer_size)
             .max_write_buffer_size(session_config.max_write_buffer_size)
             .max_message_size(Some(session_config.max_message_size))
-            .max_frame_size(Some(session_config.max_message_size));
+            .max_frame_size(Some(session_config.max_frame_size));
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        session::run(gateway, socket, claims, remote).await;
+        session::run(gateway, socket, claims, client).await;
+        drop(admission);
         drop(permit);
     });
 

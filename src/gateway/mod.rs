@@ -15,14 +15,16 @@ mod session;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -32,10 +34,16 @@ use crate::config::Config;
 use crate::domain::TokenSigner;
 use auth::UsedTokens;
 use dedupe::{DedupeWindow, RejectCounter};
-use registry::Registry;
+use registry::{Registry, Takeover};
 
 /// Messages whose rejections are counted at once; the oldest entries are forgotten first.
 const REJECT_COUNTER_CAPACITY: usize = 100_000;
+
+/// The credentials a request is checked against.
+pub struct AuthKeys {
+    pub signer: TokenSigner,
+    pub api_keys: Vec<String>,
+}
 
 /// Everything a request handler or a session needs, shared by all of them.
 pub struct Gateway {
@@ -45,8 +53,11 @@ pub struct Gateway {
     /// Base of the connection URLs handed out by the token endpoint, `ws://` or `wss://`.
     pub public_url: String,
     pub broker: Arc<dyn Broker>,
-    pub signer: TokenSigner,
-    pub api_keys: Vec<String>,
+    /// The token signer and API keys; replaced as a whole when secrets are reloaded (SIGHUP).
+    keys: RwLock<Arc<AuthKeys>>,
+    pub origins: admission::Origins,
+    pub proxies: admission::TrustedProxies,
+    pub session_limits: Arc<admission::SessionLimits>,
     pub registry: Registry,
     pub used_tokens: UsedTokens,
     pub dedupe: DedupeWindow,
@@ -71,15 +82,24 @@ impl Gateway {
         api_keys: Vec<String>,
         shutdown: CancellationToken,
     ) -> Arc<Gateway> {
-        let used_tokens = UsedTokens::new(config.auth.used_token_capacity);
+        let used_tokens = UsedTokens::new(config.auth.used_token_capacity, config.auth.clock_skew);
+        let origins = admission::Origins::new(&config.server.allowed_origins);
+        let proxies = admission::TrustedProxies::new(&config.server.trusted_proxies);
+        let session_limits = admission::SessionLimits::new(
+            config.server.max_sessions,
+            config.server.max_sessions_per_address,
+        );
+        let signer = signer.with_clock_skew(config.auth.clock_skew);
         let dedupe = DedupeWindow::new(config.session.dedupe_window);
         Arc::new(Gateway {
             config,
             node,
             public_url,
             broker,
-            signer,
-            api_keys,
+            keys: RwLock::new(Arc::new(AuthKeys { signer, api_keys })),
+            origins,
+            proxies,
+            session_limits,
             registry: Registry::default(),
             used_tokens,
             dedupe,
@@ -92,8 +112,34 @@ impl Gateway {
         })
     }
 
-    /// Serves `listener` until the shutdown token is cancelled, then waits up to `grace` for open connections.
+    /// The current token signer and API keys.
+    pub fn keys(&self) -> Arc<AuthKeys> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the token signer and API keys; sessions already open are not affected.
+    pub fn reload_keys(&self, signer: TokenSigner, api_keys: Vec<String>) {
+        let keys = AuthKeys {
+            signer: signer.with_clock_skew(self.config.auth.clock_skew),
+            api_keys,
+        };
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+    }
+
+    /// Serves plain HTTP on `listener` until the shutdown token is cancelled, then waits up to `grace` for open
+    /// connections.
     pub async fn serve(self: &Arc<Self>, listener: TcpListener, grace: Duration) {
+        self.serve_with_tls(listener, grace, None).await;
+    }
+
+    /// Serves `listener` like [`Gateway::serve`], running the TLS handshake on each connection first when `tls`
+    /// is set (HTTPS and wss).
+    pub async fn serve_with_tls(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        grace: Duration,
+        tls: Option<TlsAcceptor>,
+    ) {
         self.spawn_control_listener();
         broadcast::spawn_fan_out(self);
         let connection_limit = Arc::new(Semaphore::new(self.config.server.max_connections));
@@ -123,8 +169,9 @@ impl Gateway {
                 },
             };
             let gateway = self.clone();
+            let tls = tls.clone();
             self.tasks.spawn(async move {
-                gateway.serve_connection(stream, remote, permit).await;
+                gateway.serve_connection(stream, remote, permit, tls).await;
             });
         }
         // Closing the listener makes new connections fail at once instead of waiting in the backlog.
@@ -150,8 +197,44 @@ impl Gateway {
         stream: tokio::net::TcpStream,
         remote: SocketAddr,
         permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+        tls: Option<TlsAcceptor>,
     ) {
         let _ = stream.set_nodelay(true);
+        let Some(acceptor) = tls else {
+            self.serve_http(stream, remote, permit).await;
+            return;
+        };
+        // The TLS handshake gets `server.handshake_timeout`, and the request head then gets the same again.
+        // A failed handshake, such as a plain-HTTP request to this port, closes only this connection.
+        let timeout = self.config.server.handshake_timeout;
+        let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
+        let stream = tokio::select! {
+            result = handshake => match result {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    debug!(%remote, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%remote, ?timeout, "TLS handshake timed out");
+                    return;
+                }
+            },
+            _ = self.shutdown.cancelled() => return,
+        };
+        self.serve_http(stream, remote, permit).await;
+    }
+
+    /// Runs HTTP/1.1 with WebSocket upgrades on one connection, plain or TLS, until it closes or the gateway
+    /// shuts down.
+    async fn serve_http<S>(
+        self: Arc<Self>,
+        stream: S,
+        remote: SocketAddr,
+        permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let gateway = self.clone();
         let service = service_fn(move |request| {
             http::route(gateway.clone(), remote, permit.clone(), request)
@@ -216,9 +299,39 @@ impl Gateway {
                 identity,
                 session_id,
                 node,
+                token_nonce,
+                token_expires_at_ms,
             } => {
-                if self.registry.replace_if_older(&identity, &session_id) {
-                    info!(%identity, by_node = %node, "session replaced by a newer connection");
+                if let Some(nonce) = &token_nonce {
+                    // The token is spent on every node, not only where it was used.
+                    self.used_tokens.remember(nonce, token_expires_at_ms);
+                }
+                match self
+                    .registry
+                    .apply_takeover(&identity, &session_id, token_nonce.as_deref())
+                {
+                    Takeover::Replaced => {
+                        info!(%identity, by_node = %node, "session replaced by a newer connection");
+                    }
+                    Takeover::KeptAgainstReuse { local_session_id } => {
+                        warn!(%identity, by_node = %node, "a reused token did not take over the live session");
+                        // Announcing the original session again makes the other node close the reuse, also
+                        // when that node had not heard of the token (it started after the first announcement).
+                        let original = ControlMessage::Takeover {
+                            identity,
+                            session_id: local_session_id,
+                            node: self.node.clone(),
+                            token_nonce,
+                            token_expires_at_ms,
+                        };
+                        if let Err(error) = self.broker.announce(original).await {
+                            warn!(%error, "announcing the original session after a token reuse failed");
+                        }
+                    }
+                    Takeover::ClosedReuse => {
+                        warn!(%identity, by_node = %node, "closed a session that reused a token already in use");
+                    }
+                    Takeover::NoLocalSession => {}
                 }
                 None
             }

@@ -37,6 +37,8 @@ pub struct SessionInfo {
     /// Tags and businesses from the token; broadcasts carrying any of them reach this session.
     pub tags: Vec<String>,
     pub businesses: Vec<String>,
+    /// Nonce of the token the session connected with, to recognise the same token used on another node.
+    pub token_nonce: String,
 }
 
 impl SessionInfo {
@@ -249,19 +251,50 @@ impl Registry {
         }
     }
 
-    /// Closes the local session of `identity` if it is older than `newer_session_id`. Returns true if it did.
-    pub fn replace_if_older(&self, identity: &Identity, newer_session_id: &str) -> bool {
+    /// Applies another session's announcement to the local session of `identity`, if there is one.
+    ///
+    /// A newer session with a fresh token replaces an older one. Two sessions with the same token nonce mean the
+    /// token was used twice (on two nodes at nearly the same moment): the older session keeps the identity and
+    /// the newer one is closed, whichever node it is on, so a reused token never takes over a live session.
+    /// Session ids are UUIDv7, so every node orders the two sessions the same way.
+    pub fn apply_takeover(
+        &self,
+        identity: &Identity,
+        session_id: &str,
+        token_nonce: Option<&str>,
+    ) -> Takeover {
         let mut sessions = self.lock();
-        let older = sessions
-            .get(identity)
-            .is_some_and(|entry| entry.info.session_id.as_str() < newer_session_id);
-        if !older {
-            return false;
+        let Some(entry) = sessions.get(identity) else {
+            return Takeover::NoLocalSession;
+        };
+        let local_id = entry.info.session_id.as_str();
+        if local_id == session_id {
+            return Takeover::NoLocalSession;
         }
-        if let Some(entry) = sessions.remove(identity) {
-            send_replaced(&entry.commands);
+        let same_token = token_nonce == Some(entry.info.token_nonce.as_str());
+        match (same_token, local_id < session_id) {
+            (true, true) => Takeover::KeptAgainstReuse {
+                local_session_id: local_id.to_owned(),
+            },
+            (true, false) => {
+                if let Some(entry) = sessions.remove(identity) {
+                    entry.commands.send(SessionCommand::Close {
+                        code: close_code::POLICY_VIOLATION,
+                        reason: "this connection used a token that another connection already used; request \
+                                 a new token for each connection"
+                            .to_owned(),
+                    });
+                }
+                Takeover::ClosedReuse
+            }
+            (false, true) => {
+                if let Some(entry) = sessions.remove(identity) {
+                    send_replaced(&entry.commands);
+                }
+                Takeover::Replaced
+            }
+            (false, false) => Takeover::NoLocalSession,
         }
-        true
     }
 
     /// Snapshot of the live sessions.
@@ -287,6 +320,19 @@ impl Registry {
     }
 }
 
+/// What an announcement of another session did to the local one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Takeover {
+    /// No older local session of that identity.
+    NoLocalSession,
+    /// The older local session was closed with the replaced code.
+    Replaced,
+    /// The announced session reused the local session's token; the local session, being older, stays.
+    KeptAgainstReuse { local_session_id: String },
+    /// The local session reused the announced session's token and was newer, so it was closed.
+    ClosedReuse,
+}
+
 fn send_replaced(commands: &CommandSlot) {
     // A pending command means the session is already closing.
     commands.send(SessionCommand::Close {
@@ -307,6 +353,7 @@ mod tests {
             connected_at: SystemTime::now(),
             tags: vec!["vip".to_owned()],
             businesses: Vec::new(),
+            token_nonce: "nonce".to_owned(),
         }
     }
 
@@ -330,10 +377,48 @@ mod tests {
     fn late_announcement_of_older_session_is_ignored() {
         let registry = Registry::default();
         let (current, _, _, _) = registry.register(info("b"), 4);
-        assert!(!registry.replace_if_older(&info("a").identity, "a"));
+        let identity = info("a").identity;
+        assert_eq!(
+            registry.apply_takeover(&identity, "a", Some("other-nonce")),
+            Takeover::NoLocalSession
+        );
         assert!(current.try_take().is_none());
-        assert!(registry.replace_if_older(&info("a").identity, "c"));
+        assert_eq!(
+            registry.apply_takeover(&identity, "c", Some("other-nonce")),
+            Takeover::Replaced
+        );
         assert!(current.try_take().is_some());
+    }
+
+    #[test]
+    fn reused_token_never_takes_over_and_the_newer_session_closes() {
+        let identity = info("a").identity;
+        // The local session is the original: an announcement of a later session with its token changes nothing.
+        let registry = Registry::default();
+        let (original, _, _, _) = registry.register(info("b"), 4);
+        assert_eq!(
+            registry.apply_takeover(&identity, "c", Some("nonce")),
+            Takeover::KeptAgainstReuse {
+                local_session_id: "b".to_owned()
+            }
+        );
+        assert!(original.try_take().is_none());
+        assert_eq!(registry.len(), 1);
+        // The local session is the reuse: hearing of the earlier session with the same token closes it.
+        let registry = Registry::default();
+        let (reuse, _, _, _) = registry.register(info("c"), 4);
+        assert_eq!(
+            registry.apply_takeover(&identity, "b", Some("nonce")),
+            Takeover::ClosedReuse
+        );
+        assert!(matches!(
+            reuse.try_take(),
+            Some(SessionCommand::Close {
+                code: close_code::POLICY_VIOLATION,
+                ..
+            })
+        ));
+        assert!(registry.is_empty());
     }
 
     #[test]

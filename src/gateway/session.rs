@@ -76,6 +76,7 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
         connected_at: SystemTime::now(),
         tags: claims.tags.clone(),
         businesses: claims.businesses.clone(),
+        token_nonce: claims.nonce.clone(),
     };
     let broadcast_keys: Vec<BroadcastKey> = claims
         .tags
@@ -102,11 +103,13 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
     gateway.metrics.sessions.inc();
     gateway.metrics.connects.inc();
 
-    let (mut sink, stream) = socket.split();
+    let (mut sink, mut stream) = socket.split();
     let announcement = ControlMessage::Takeover {
         identity: identity.clone(),
         session_id: session_id.clone(),
         node: gateway.node.clone(),
+        token_nonce: Some(claims.nonce.clone()),
+        token_expires_at_ms: claims.expires_at_ms,
     };
     if let Err(error) = gateway.broker.announce(announcement).await {
         // Single-active-consumer still keeps the two sessions from splitting the mailbox.
@@ -139,13 +142,15 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
                 recent_broadcasts: VecDeque::new(),
                 invalid_frames: 0,
                 sends_in_flight: 0,
+                rate_limiter: rate_limiter(&gateway.config.session),
+                clock: governor::clock::DefaultClock::default(),
                 outcomes: inbox_sender,
                 stats,
                 consumer_tag: consumer_tag.clone(),
                 release: Some(release),
             };
             let inputs = Inputs {
-                stream,
+                stream: &mut stream,
                 deliveries,
                 commands: &commands,
                 inbox,
@@ -192,11 +197,14 @@ pub async fn run(gateway: Arc<Gateway>, socket: Socket, claims: TokenClaims, rem
         .broadcast_bindings
         .release(&gateway, &broadcast_keys)
         .await;
+    if matches!(end, End::Close(..)) {
+        linger(sink, stream, &gateway).await;
+    }
 }
 
 /// Everything a session waits on besides the clock.
 struct Inputs<'a> {
-    stream: SplitStream<Socket>,
+    stream: &'a mut SplitStream<Socket>,
     deliveries: BoxStream<'static, Delivery>,
     commands: &'a CommandSlot,
     /// Broadcasts and the results of the client's sends.
@@ -211,6 +219,9 @@ struct Session {
     recent_broadcasts: VecDeque<String>,
     invalid_frames: u32,
     sends_in_flight: usize,
+    /// Limits the messages the client sends (`session.rate_limit`).
+    rate_limiter: governor::DefaultDirectRateLimiter,
+    clock: governor::clock::DefaultClock,
     outcomes: mpsc::Sender<SessionMessage>,
     /// Counters shown by `wsgw sessions`.
     stats: Arc<SessionStats>,
@@ -231,7 +242,7 @@ impl Session {
     /// only the small state of this loop rather than the largest of those futures.
     async fn pump(&mut self, sink: &mut Sink, inputs: Inputs<'_>) -> End {
         let Inputs {
-            mut stream,
+            stream,
             mut deliveries,
             commands,
             mut inbox,
@@ -345,8 +356,17 @@ impl Session {
                         Some(Err(WsError::Capacity(error))) => {
                             return End::Close(
                                 close_code::MESSAGE_TOO_BIG,
-                                format!("{error}; the limit is session.max_message_size"),
+                                format!("{error}; the limits are session.max_frame_size and session.max_message_size"),
                             );
+                        }
+                        Some(Err(WsError::Utf8(_))) => {
+                            return End::Close(
+                                close_code::INVALID_PAYLOAD,
+                                "a text frame was not valid UTF-8".to_owned(),
+                            );
+                        }
+                        Some(Err(WsError::Protocol(error))) => {
+                            return End::Close(close_code::PROTOCOL_ERROR, format!("WebSocket protocol error: {error}"));
                         }
                         Some(Err(error)) => return End::Gone(format!("read failed: {error}")),
                         None => return End::Gone("connection closed without a close frame".to_owned()),
@@ -454,7 +474,23 @@ impl Session {
         match inbound::classify(text, &self.identity, policy) {
             Inbound::Ack { message_id } => self.ack(sink, message_id).await,
             Inbound::Reject { message_id, reason } => self.reject(sink, message_id, reason).await,
-            Inbound::Publish(publication) => self.client_send(sink, *publication).await,
+            Inbound::Publish(publication) => {
+                if let Err(not_until) = self.rate_limiter.check() {
+                    let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
+                    let frame = ServerFrame::Error {
+                        code: ErrorCode::RateLimited,
+                        reason: format!(
+                            "more than {} messages per second (session.rate_limit); resend with the same messageId \
+                             in {} ms",
+                            self.gateway.config.session.rate_limit,
+                            wait.as_millis().max(1)
+                        ),
+                        message_id: Some(publication.envelope.id().to_owned()),
+                    };
+                    return self.send(sink, &frame).await;
+                }
+                self.client_send(sink, *publication).await
+            }
             Inbound::Invalid(frame) => {
                 self.invalid_frames += 1;
                 self.reply_invalid(sink, frame).await
@@ -651,6 +687,15 @@ impl Session {
     }
 }
 
+/// Builds the limiter of messages a client sends: `rate_limit` per second with bursts of `rate_limit_burst`.
+fn rate_limiter(config: &crate::config::SessionConfig) -> governor::DefaultDirectRateLimiter {
+    // Config validation keeps both at least 1.
+    let rate = std::num::NonZeroU32::new(config.rate_limit).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst =
+        std::num::NonZeroU32::new(config.rate_limit_burst).unwrap_or(std::num::NonZeroU32::MIN);
+    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+}
+
 /// Returns the `reason` label of the disconnects counter.
 fn disconnect_reason(end: &End) -> &'static str {
     match end {
@@ -660,6 +705,7 @@ fn disconnect_reason(end: &End) -> &'static str {
         End::Close(close_code::GOING_AWAY, _) => "shutdown",
         End::Close(close_code::POLICY_VIOLATION, _) => "policy_violation",
         End::Close(close_code::MESSAGE_TOO_BIG, _) => "message_too_big",
+        End::Close(close_code::INVALID_PAYLOAD | close_code::PROTOCOL_ERROR, _) => "protocol_error",
         End::Close(close_code::BROKER_UNAVAILABLE, _) => "broker_unavailable",
         End::Close(..) => "other",
         End::ClientClosed => "client_closed",
@@ -675,6 +721,33 @@ fn error_code(error: &BrokerError) -> ErrorCode {
         BrokerError::Refused { .. } | BrokerError::MemoryFull { .. } => ErrorCode::Refused,
         _ => ErrorCode::Unavailable,
     }
+}
+
+/// After the gateway sent a close frame, reads and discards what the client still sends, for at most a second.
+/// Closing a socket with unread input makes the kernel reset the connection. A reset can destroy the close frame
+/// before the client reads it, so draining first lets the client see the close code (1009 after an oversized
+/// frame, for example).
+async fn linger(sink: Sink, stream: SplitStream<Socket>, gateway: &Gateway) {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut socket) = sink.reunite(stream) else {
+        return;
+    };
+    let limit = gateway.config.session.max_message_size.saturating_mul(2);
+    let io = socket.get_mut();
+    let drain = async {
+        use tokio::io::AsyncWriteExt;
+        // After our FIN a well-behaved client closes its side too, which ends the drain at once.
+        let _ = io.shutdown().await;
+        let mut buffer = [0u8; 4096];
+        let mut drained = 0usize;
+        while drained < limit {
+            match io.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => drained += read,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
 
 async fn close(sink: &mut Sink, code: u16, reason: &str, gateway: &Gateway) {
