@@ -1,51 +1,77 @@
 //! `wsgw listen`: connects as a client, prints each message, then acks it.
 //!
 //! A message is acked only after its line was written to stdout, so a message that could not be printed stays
-//! in the mailbox. On a broken pipe the command stops and exits 0.
+//! in the mailbox. On a broken pipe the command stops and exits 0. The command reconnects with a fresh token
+//! after a lost connection, and drops a message delivered again after it was acked.
 
-use tracing::info;
+use std::sync::Arc;
+
+use tracing::{info, warn};
 
 use crate::cli::{GlobalArgs, ListenArgs, OutputFormat};
-use crate::client::{Client, Event, IncomingMessage};
-use crate::domain::frame::close_code;
+use crate::client::{
+    Client, ClientError, ClientEvent, ClientOptions, IncomingMessage, ReliableClient, UrlSource,
+};
 use crate::exit::{CliError, ExitCode};
 use crate::output::{self, WriteOutcome};
 
+/// Connects, then prints messages until `--count` is reached, reconnecting with a fresh token whenever the
+/// connection drops. A failure of the first connect ends the command with its error.
 pub async fn run(global: &GlobalArgs, args: &ListenArgs) -> Result<(), CliError> {
     let tls = super::client_tls(&args.tls)?;
     let url = super::connection_url(global, &args.identity, &tls).await?;
-    let mut client = Client::connect_with_tls(&url, &tls)
+    let client = Client::connect_with_tls(&url, &tls)
         .await
         .map_err(super::client_error)?;
-    info!(
-        session_id = %client.welcome.session_id,
-        node = %client.welcome.node,
-        "connected"
-    );
+    let urls: UrlSource = {
+        let (global, identity, tls) = (
+            Arc::new(global.clone()),
+            Arc::new(args.identity.clone()),
+            tls.clone(),
+        );
+        Arc::new(move || {
+            let (global, identity, tls) = (global.clone(), identity.clone(), tls.clone());
+            Box::pin(async move {
+                super::connection_url(&global, &identity, &tls)
+                    .await
+                    .map_err(|error| ClientError::Connection(error.to_string()))
+            })
+        })
+    };
+    let options = ClientOptions {
+        tls,
+        ..ClientOptions::default()
+    };
+    let (handle, mut events) = ReliableClient::start_connected(client, urls, options);
     let format = output::resolve(global.output);
     let mut received = 0u64;
     while args.count.is_none_or(|count| received < count) {
-        let event = client.next_event().await.map_err(super::client_error)?;
+        let Some(event) = events.recv().await else {
+            break;
+        };
         match event {
-            Event::Message(message) => {
+            ClientEvent::Open(welcome) => {
+                info!(session_id = %welcome.session_id, node = %welcome.node, "connected");
+            }
+            ClientEvent::Message(message) => {
                 let line = match format {
                     OutputFormat::Json => json_line(&message),
                     OutputFormat::Table => text_line(&message),
                 };
                 if let WriteOutcome::BrokenPipe = output::print_line(&line)? {
                     // The reader is gone: this message stays unacked and comes again on the next connection.
-                    let _ = client.close().await;
+                    handle.stop().await;
                     return Ok(());
                 }
                 if !args.no_ack {
-                    client
-                        .ack(message.envelope.id())
-                        .await
-                        .map_err(super::client_error)?;
+                    handle.ack(message.envelope.id()).await;
                 }
                 received += 1;
             }
-            Event::Error {
+            ClientEvent::Stale(message) => {
+                info!(message_id = %message.envelope.id(), "skipped a stale message");
+            }
+            ClientEvent::Error {
                 code,
                 reason,
                 message_id,
@@ -54,24 +80,27 @@ pub async fn run(global: &GlobalArgs, args: &ListenArgs) -> Result<(), CliError>
                     "wsgw: the gateway reported {code:?}: {reason} (messageId {message_id:?})"
                 );
             }
-            Event::Ack { .. } => {}
-            Event::Closed { code, reason } => {
-                let exit = if code == Some(close_code::REPLACED) {
-                    ExitCode::Failure
-                } else {
-                    ExitCode::Unavailable
-                };
+            ClientEvent::Closed { code, reason } => {
+                warn!(?code, %reason, "the connection closed");
+            }
+            ClientEvent::Reconnecting {
+                attempt,
+                delay,
+                reason,
+            } => {
+                warn!(attempt, ?delay, %reason, "reconnecting");
+            }
+            ClientEvent::Replaced { reason } => {
                 return Err(CliError::msg(
-                    exit,
+                    ExitCode::Failure,
                     format!(
-                        "the gateway closed the connection (code {}): {reason}",
-                        code.map_or("none".to_owned(), |code| code.to_string())
+                        "another connection of this identity replaced this one ({reason}); not reconnecting"
                     ),
                 ));
             }
         }
     }
-    let _ = client.close().await;
+    handle.stop().await;
     Ok(())
 }
 

@@ -342,23 +342,23 @@ pub async fn request_connection_url(
     request: &TokenRequest,
     tls: &ClientTls,
 ) -> Result<String, ClientError> {
-    let mut query = url::form_urlencoded::Serializer::new(String::new());
-    query.append_pair("uniqueId", &request.identity.unique_id);
-    query.append_pair("clientType", &request.identity.client_type);
-    if !request.tags.is_empty() {
-        query.append_pair("tags", &request.tags.join(","));
-    }
-    if !request.businesses.is_empty() {
-        query.append_pair("businesses", &request.businesses.join(","));
-    }
-    if let Some(ttl) = request.ttl {
-        query.append_pair("ttl", &humantime::format_duration(ttl).to_string());
-    }
-    let url = format!(
-        "{}/websocket/token?{}",
-        server.trim_end_matches('/'),
+    // Built in a block: the serializer is not Send, so it must not live across the request's await.
+    let query = {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        query.append_pair("uniqueId", &request.identity.unique_id);
+        query.append_pair("clientType", &request.identity.client_type);
+        if !request.tags.is_empty() {
+            query.append_pair("tags", &request.tags.join(","));
+        }
+        if !request.businesses.is_empty() {
+            query.append_pair("businesses", &request.businesses.join(","));
+        }
+        if let Some(ttl) = request.ttl {
+            query.append_pair("ttl", &humantime::format_duration(ttl).to_string());
+        }
         query.finish()
-    );
+    };
+    let url = format!("{}/websocket/token?{query}", server.trim_end_matches('/'));
     let (status, body) = http_client::request_with_tls(
         hyper::Method::GET,
         &url,
@@ -383,3 +383,8 @@ pub async fn request_connection_url(
         ClientError::Protocol("the token endpoint responded without a URL in data".to_owned())
     })
 }
+
+pub mod reliable;
+pub use reliable::{
+    ClientEvent, ClientHandle, ClientOptions, ReliableClient, SendError, UrlSource,
+};
