@@ -45,6 +45,14 @@ pub async fn route(
     let response = match (request.method(), path.as_str()) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, "ok", None),
         (&Method::GET, "/readyz") => readiness(&gateway),
+        (&Method::GET, "/client/v1/wsgw.js") => client_library(
+            include_str!("../../clients/js/wsgw.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        (&Method::GET, "/client/v1/wsgw.d.ts") => client_library(
+            include_str!("../../clients/js/wsgw.d.ts"),
+            "text/plain; charset=utf-8",
+        ),
         (&Method::GET, "/metrics") => metrics(&gateway),
         (&Method::GET, "/websocket/token") => {
             let origin = request_origin(&request);
@@ -77,11 +85,28 @@ pub async fn route(
         _ => error_response(
             StatusCode::NOT_FOUND,
             "not found; the gateway serves /websocket/token, /socket/<token>, /api/v1/messages, \
-             /api/v1/sessions, /metrics, /healthz and /readyz"
+             /api/v1/sessions, /client/v1/wsgw.js, /metrics, /healthz and /readyz"
                 .to_owned(),
         ),
     };
     Ok(response)
+}
+
+/// Serves a file of the browser client in clients/js, built into the binary. Browsers fetch module scripts with
+/// CORS, so the response allows every origin: pages on other origins import it, and it contains no secrets.
+fn client_library(source: &'static str, content_type: &'static str) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from_static(source.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    response
 }
 
 /// Reads the request's `Origin` header: None when absent, `Some(Err(()))` when it is not text.
