@@ -75,7 +75,7 @@ pub struct Envelope {
 pub enum EnvelopeError {
     #[error("invalid envelope: {message}{}", path_suffix(path))]
     Json { path: String, message: String },
-    #[error("invalid {field} {value:?}: {reason}")]
+    #[error("invalid {field} {}: {reason}", quoted(value))]
     Invalid {
         field: &'static str,
         value: String,
@@ -90,7 +90,29 @@ fn path_suffix(path: &str) -> String {
     if path.is_empty() || path == "?" || path == "envelope" || path == "." {
         String::new()
     } else {
-        format!(" (at `{path}`)")
+        format!(" (at `{}`)", cut(path, MAX_QUOTED_CHARS * 2))
+    }
+}
+
+/// Characters of a value quoted in an error message; longer values are cut, so that an error never echoes a
+/// large input back to the client that sent it.
+const MAX_QUOTED_CHARS: usize = 64;
+
+/// Quotes `value` for an error message, cut to [`MAX_QUOTED_CHARS`] characters with its full length appended.
+pub fn quoted(value: &str) -> String {
+    let head = cut(value, MAX_QUOTED_CHARS);
+    if head.len() == value.len() {
+        format!("{value:?}")
+    } else {
+        format!("{head:?}… ({} bytes)", value.len())
+    }
+}
+
+/// The first `max_chars` characters of `text`.
+pub(crate) fn cut(text: &str, max_chars: usize) -> &str {
+    match text.char_indices().nth(max_chars) {
+        Some((end, _)) => &text[..end],
+        None => text,
     }
 }
 
@@ -121,13 +143,19 @@ impl Envelope {
         let envelope: Envelope =
             serde_path_to_error::deserialize(deserializer).map_err(|error| {
                 let path = error.path().to_string();
+                // serde quotes the offending value and the unknown field name in full: cut both.
+                let message = error.into_inner().to_string();
                 EnvelopeError::Json {
                     path: if path == "." {
                         "envelope".to_owned()
                     } else {
                         path
                     },
-                    message: error.into_inner().to_string(),
+                    message: if message.chars().count() > MAX_QUOTED_CHARS * 4 {
+                        format!("{}…", cut(&message, MAX_QUOTED_CHARS * 4))
+                    } else {
+                        message
+                    },
                 }
             })?;
         envelope.validate()?;

@@ -23,7 +23,7 @@ pub struct Identity {
 
 /// Why a uniqueId or clientType was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field} {value:?}: {reason}")]
+#[error("invalid {field} {}: {reason}", super::envelope::quoted(value))]
 pub struct IdentityError {
     /// The envelope or query field that carried the value, such as `toUniqueId`.
     pub field: &'static str,

@@ -2,7 +2,7 @@
 //!
 //! [`classify`] is pure: it parses the frame, stamps a message the client sends with the sender's identity,
 //! validates and routes it, and applies the client-to-client policy. The session then acts on the result. Keeping
-//! this step free of sockets and brokers lets the fuzzer run it millions of times (fuzz/README.md).
+//! this step free of sockets and brokers lets the fuzzer run it millions of times (docs/fuzzing.md).
 
 use crate::broker::Publication;
 use crate::config::PolicyConfig;
@@ -29,9 +29,12 @@ pub fn classify(text: &str, sender: &Identity, policy: &PolicyConfig) -> Inbound
     let frame: ClientFrame = match serde_json::from_str(text) {
         Ok(frame) => frame,
         Err(error) => {
+            // serde quotes offending values in full; a client gets back at most a short excerpt.
+            let error = error.to_string();
+            let excerpt = crate::domain::envelope::cut(&error, 256);
             return Inbound::Invalid(error_frame(
                 ErrorCode::InvalidFrame,
-                format!("invalid frame: {error}; see the wsgw.v1 protocol for the frame types"),
+                format!("invalid frame: {excerpt}; see the wsgw.v1 protocol for the frame types"),
                 None,
             ));
         }
@@ -48,7 +51,11 @@ fn classify_send(mut envelope: Envelope, sender: &Identity, policy: &PolicyConfi
     envelope.from_unique_id = Some(sender.unique_id.clone());
     envelope.from_client_type = Some(sender.client_type.clone());
     envelope.timestamp = None;
-    let claimed_id = envelope.message_id.clone();
+    // A messageId too long to be valid is not echoed back.
+    let claimed_id = envelope
+        .message_id
+        .clone()
+        .filter(|id| id.len() <= crate::domain::envelope::MAX_MESSAGE_ID_LEN);
     if let Err(error) = envelope.validate() {
         return Inbound::Invalid(error_frame(
             ErrorCode::InvalidEnvelope,
