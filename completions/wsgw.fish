@@ -167,7 +167,7 @@ complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and not __fish_see
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from list" -l business-type -d 'Only messages of this businessType' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from list" -l message-type -d 'Only messages of this messageType' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from list" -l to -d 'Only messages to this uniqueId, or uniqueId/clientType' -r
-complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from list" -l reason -d 'Only messages dead-lettered for this reason: unroutable, rejected, expired, maxlen' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from list" -l reason -d 'Only messages dead-lettered for this reason: unroutable, rejected, expired, maxlen, delivery_limit' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from list" -l older-than -d 'Only messages dead-lettered longer ago than this, such as 1h' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from list" -l newer-than -d 'Only messages dead-lettered within this time, such as 30m' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from list" -l id -d 'Only the message with this messageId' -r
@@ -199,7 +199,7 @@ complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_su
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from replay" -l business-type -d 'Only messages of this businessType' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from replay" -l message-type -d 'Only messages of this messageType' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from replay" -l to -d 'Only messages to this uniqueId, or uniqueId/clientType' -r
-complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from replay" -l reason -d 'Only messages dead-lettered for this reason: unroutable, rejected, expired, maxlen' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from replay" -l reason -d 'Only messages dead-lettered for this reason: unroutable, rejected, expired, maxlen, delivery_limit' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from replay" -l older-than -d 'Only messages dead-lettered longer ago than this, such as 1h' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from replay" -l newer-than -d 'Only messages dead-lettered within this time, such as 30m' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from replay" -l id -d 'Only the message with this messageId' -r
@@ -221,7 +221,7 @@ complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_su
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from purge" -l business-type -d 'Only messages of this businessType' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from purge" -l message-type -d 'Only messages of this messageType' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from purge" -l to -d 'Only messages to this uniqueId, or uniqueId/clientType' -r
-complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from purge" -l reason -d 'Only messages dead-lettered for this reason: unroutable, rejected, expired, maxlen' -r
+complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from purge" -l reason -d 'Only messages dead-lettered for this reason: unroutable, rejected, expired, maxlen, delivery_limit' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from purge" -l older-than -d 'Only messages dead-lettered longer ago than this, such as 1h' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from purge" -l newer-than -d 'Only messages dead-lettered within this time, such as 30m' -r
 complete -c wsgw -n "__fish_wsgw_using_subcommand replay-dlq; and __fish_seen_subcommand_from purge" -l id -d 'Only the message with this messageId' -r

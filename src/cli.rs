@@ -230,7 +230,7 @@ pub struct DlqFilter {
     /// Only messages to this uniqueId, or uniqueId/clientType
     #[arg(long, value_name = "RECIPIENT")]
     pub to: Option<String>,
-    /// Only messages dead-lettered for this reason: unroutable, rejected, expired, maxlen
+    /// Only messages dead-lettered for this reason: unroutable, rejected, expired, maxlen, delivery_limit
     #[arg(long, value_name = "REASON")]
     pub reason: Option<String>,
     /// Only messages dead-lettered longer ago than this, such as 1h

@@ -38,6 +38,7 @@ pub const KEYS: &[&str] = &[
     "auth.max_token_ttl",
     "auth.used_token_capacity",
     "amqp.url",
+    "amqp.urls",
     "amqp.prefix",
     "amqp.connect_timeout",
     "amqp.publish_timeout",
@@ -49,6 +50,8 @@ pub const KEYS: &[&str] = &[
     "mailbox.expires",
     "mailbox.max_length",
     "mailbox.declare_interval",
+    "mailbox.queue_type",
+    "mailbox.delivery_limit",
     "session.pending_ack_window",
     "session.ping_interval",
     "session.pong_timeout",
@@ -203,8 +206,11 @@ pub enum PublisherMode {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpConfig {
-    /// AMQP URL, such as `amqp://user:password@host:5672/%2f`.
+    /// AMQP URL, such as `amqp://user:password@host:5672/%2f`. The same as an `urls` list of one.
     pub url: Option<String>,
+    /// AMQP URLs of the nodes of one RabbitMQ cluster. Every connection tries them in order, starting with the
+    /// node that last accepted a connection and moving past a node whose connection was lost.
+    pub urls: Vec<String>,
     /// Prefix of every exchange and queue name.
     pub prefix: String,
     /// Deadline for opening a connection, including the AMQP handshake.
@@ -243,6 +249,23 @@ pub struct MailboxConfig {
     /// How often a publisher re-declares a mailbox it publishes to, to keep it from expiring.
     #[serde(with = "humantime_serde")]
     pub declare_interval: Duration,
+    /// `classic` (one copy on one RabbitMQ node) or `quorum` (replicated over the cluster with Raft).
+    pub queue_type: QueueType,
+    /// Quorum mailboxes only: deliveries of one message before RabbitMQ dead-letters it with reason
+    /// `delivery_limit` (`x-delivery-limit`). Every return counts, including a session that closes with the
+    /// message unacked.
+    pub delivery_limit: u32,
+}
+
+/// The RabbitMQ queue type of the mailboxes and the dead-letter queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Durable classic queues (version 2), each on the node that declared it.
+    #[default]
+    Classic,
+    /// Quorum queues, replicated over the cluster's nodes, which keep working while a majority is up.
+    Quorum,
 }
 
 /// Limits and timers of one WebSocket session.
@@ -433,10 +456,22 @@ fn warn_if_readable_by_others(key: &str, path: &Path) {
     }
 }
 
+impl AmqpConfig {
+    /// The URLs of the RabbitMQ nodes to connect to: `urls`, else `url`; empty for the in-process broker.
+    pub fn node_urls(&self) -> Vec<String> {
+        if self.urls.is_empty() {
+            self.url.iter().cloned().collect()
+        } else {
+            self.urls.clone()
+        }
+    }
+}
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             url: None,
+            urls: Vec::new(),
             prefix: "wsgw".to_owned(),
             connect_timeout: Duration::from_secs(10),
             publisher_mode: PublisherMode::Confirms,
@@ -452,6 +487,14 @@ impl std::fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpConfig")
             .field("url", &self.url.as_deref().map(redact_url))
+            .field(
+                "urls",
+                &self
+                    .urls
+                    .iter()
+                    .map(|url| redact_url(url))
+                    .collect::<Vec<_>>(),
+            )
             .field("prefix", &self.prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("publisher_mode", &self.publisher_mode)
@@ -470,6 +513,8 @@ impl Default for MailboxConfig {
             expires: Duration::from_secs(7 * 24 * 3600),
             max_length: 10_000,
             declare_interval: Duration::from_secs(60),
+            queue_type: QueueType::Classic,
+            delivery_limit: 20,
         }
     }
 }
@@ -647,15 +692,54 @@ impl Config {
             }
         }
         if let Some(url) = &self.amqp.url {
-            let scheme_ok = url::Url::parse(url)
-                .is_ok_and(|parsed| matches!(parsed.scheme(), "amqp" | "amqps"));
-            if !scheme_ok {
+            if !is_amqp_url(url) {
                 invalid(
                     "amqp.url",
                     redact_url(url),
                     "must be an amqp:// or amqps:// URL, such as amqp://user:password@host:5672/%2f",
                 );
             }
+        }
+        for (index, url) in self.amqp.urls.iter().enumerate() {
+            if !is_amqp_url(url) {
+                invalid(
+                    "amqp.urls",
+                    redact_url(url),
+                    "every entry must be an amqp:// or amqps:// URL, such as amqp://user:password@host:5672/%2f",
+                );
+            } else if self.amqp.urls[..index].contains(url) {
+                invalid(
+                    "amqp.urls",
+                    redact_url(url),
+                    "lists the same URL twice; list each RabbitMQ node once",
+                );
+            }
+        }
+        if let Some(url) = &self.amqp.url
+            && !self.amqp.urls.is_empty()
+            && self.amqp.urls != [url.clone()]
+        {
+            invalid(
+                "amqp.urls",
+                redact_urls(&self.amqp.urls),
+                "set either amqp.url (one node) or amqp.urls (the nodes of a cluster), not both",
+            );
+        }
+        if self.mailbox.delivery_limit == 0 {
+            invalid(
+                "mailbox.delivery_limit",
+                "0".to_owned(),
+                "must be at least 1, such as 20",
+            );
+        } else if self.mailbox.queue_type == QueueType::Quorum
+            && self.mailbox.delivery_limit <= self.session.max_rejects
+        {
+            invalid(
+                "mailbox.delivery_limit",
+                self.mailbox.delivery_limit.to_string(),
+                "must be above session.max_rejects, so that a message a client keeps rejecting is dead-lettered \
+                 by the gateway as rejected before RabbitMQ's delivery limit applies",
+            );
         }
         if let Some(public_url) = &self.server.public_url {
             let scheme_ok = url::Url::parse(public_url)
@@ -815,11 +899,8 @@ impl Config {
                 if let Err(error) = Config::deserialize(toml::Value::Table(single)) {
                     let shown = if is_secret_key(&path) {
                         "<redacted>".to_owned()
-                    } else if path == "amqp.url" {
-                        value
-                            .as_str()
-                            .map(redact_url)
-                            .unwrap_or_else(|| value.to_string())
+                    } else if path == "amqp.url" || path == "amqp.urls" {
+                        redact_url_value(value)
                     } else {
                         value.to_string()
                     };
@@ -913,8 +994,8 @@ fn parse_env_value(raw: &str) -> toml::Value {
 fn redact_env(key: &str, raw: &str) -> String {
     if is_secret_key(key) {
         "<redacted>".to_owned()
-    } else if key == "amqp.url" {
-        redact_url(raw)
+    } else if key == "amqp.url" || key == "amqp.urls" {
+        redact_url_value(&parse_env_value(raw))
     } else {
         raw.to_owned()
     }
@@ -923,6 +1004,38 @@ fn redact_env(key: &str, raw: &str) -> String {
 /// True for keys whose values are credentials; their values never appear in errors or logs.
 fn is_secret_key(key: &str) -> bool {
     (key.contains("secret") || key.contains("api_keys")) && !key.ends_with("_file")
+}
+
+/// Shows a URL or an array of URLs with their passwords replaced; any other value is hidden, because it may be a
+/// URL that did not parse.
+fn redact_url_value(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(url) => redact_url(url),
+        toml::Value::Array(urls) => {
+            let shown: Vec<String> = urls
+                .iter()
+                .map(|url| {
+                    url.as_str()
+                        .map(redact_url)
+                        .unwrap_or_else(|| url.to_string())
+                })
+                .collect();
+            format!("[{}]", shown.join(", "))
+        }
+        _ => "<redacted>".to_owned(),
+    }
+}
+
+/// The URLs with their passwords replaced, comma-separated, for logs and errors.
+pub fn redact_urls(urls: &[String]) -> String {
+    urls.iter()
+        .map(|url| redact_url(url))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn is_amqp_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|parsed| matches!(parsed.scheme(), "amqp" | "amqps"))
 }
 
 /// Replaces the password of a URL with `***`, for logs and errors.
@@ -1019,6 +1132,11 @@ mod tests {
                 "amqp.sessions_per_connection" => "100",
                 "server.public_url" => "wss://push.example.com",
                 "amqp.url" => "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp.urls" => {
+                    "[\"amqp://guest:guest@10.0.0.1:5672/%2f\", \"amqp://guest:guest@10.0.0.2:5672/%2f\"]"
+                }
+                "mailbox.queue_type" => "quorum",
+                "mailbox.delivery_limit" => "20",
                 "auth.token_secret" => "0123456789abcdef0123456789abcdef",
                 k if k.starts_with("memory.") || k.starts_with("session.") => "64",
                 _ => "text",
@@ -1097,6 +1215,80 @@ mod tests {
                 .any(|line| line.contains("auth.token_secret") && !line.contains("short")),
             "{text:?}"
         );
+    }
+
+    #[test]
+    fn amqp_urls_default_to_amqp_url() {
+        let env = |name: &str| {
+            (name == "WSGW_AMQP_URL").then(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+        };
+        let config = Config::load_with_env(None, env).expect("valid");
+        assert_eq!(
+            config.amqp.node_urls(),
+            vec!["amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()]
+        );
+        assert!(Config::default().amqp.node_urls().is_empty());
+    }
+
+    #[test]
+    fn amqp_url_and_different_urls_are_rejected() {
+        let env = |name: &str| {
+            match name {
+            "WSGW_AMQP_URL" => Some("amqp://guest:hidden@10.0.0.1:5672/%2f".to_owned()),
+            "WSGW_AMQP_URLS" => Some(
+                "[\"amqp://guest:hidden@10.0.0.1:5672/%2f\", \"amqp://guest:hidden@10.0.0.2:5672/%2f\"]"
+                    .to_owned(),
+            ),
+            _ => None,
+        }
+        };
+        let error = Config::load_with_env(None, env).expect_err("both set");
+        let text = error.to_string();
+        assert!(text.contains("amqp.urls"), "{text}");
+        assert!(!text.contains("hidden"), "{text}");
+
+        let same = |name: &str| match name {
+            "WSGW_AMQP_URL" => Some("amqp://guest:guest@10.0.0.1:5672/%2f".to_owned()),
+            "WSGW_AMQP_URLS" => Some("[\"amqp://guest:guest@10.0.0.1:5672/%2f\"]".to_owned()),
+            _ => None,
+        };
+        assert!(Config::load_with_env(None, same).is_ok());
+    }
+
+    #[test]
+    fn amqp_urls_entries_are_checked() {
+        let env = |name: &str| {
+            (name == "WSGW_AMQP_URLS").then(|| {
+                "[\"amqp://guest:hidden@10.0.0.1:5672/%2f\", \"http://10.0.0.2\", \"amqp://guest:hidden@10.0.0.1:5672/%2f\"]"
+                    .to_owned()
+            })
+        };
+        let problems = Config::check_with_env(None, env).expect_err("two bad entries");
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 2, "{text:?}");
+        assert!(
+            text.iter().any(|line| line.contains("http://10.0.0.2")),
+            "{text:?}"
+        );
+        assert!(text.iter().any(|line| line.contains("twice")), "{text:?}");
+        assert!(text.iter().all(|line| !line.contains("hidden")), "{text:?}");
+    }
+
+    #[test]
+    fn quorum_delivery_limit_must_exceed_max_rejects() {
+        let env = |name: &str| match name {
+            "WSGW_MAILBOX_QUEUE_TYPE" => Some("quorum".to_owned()),
+            "WSGW_MAILBOX_DELIVERY_LIMIT" => Some("3".to_owned()),
+            "WSGW_SESSION_MAX_REJECTS" => Some("3".to_owned()),
+            _ => None,
+        };
+        let error = Config::load_with_env(None, env).expect_err("limit too low");
+        assert!(
+            error.to_string().contains("mailbox.delivery_limit"),
+            "{error}"
+        );
+        let zero = |name: &str| (name == "WSGW_MAILBOX_DELIVERY_LIMIT").then(|| "0".to_owned());
+        assert!(Config::load_with_env(None, zero).is_err());
     }
 
     #[test]

@@ -10,15 +10,27 @@ use lapin::{Channel, Connection};
 
 use super::BrokerError;
 use super::header;
-use super::rabbit::{Topology, integer_header, open_connection};
+use super::rabbit::{BrokerNodes, Topology, integer_header, open_connection};
 use crate::config::AmqpConfig;
 use crate::domain::Envelope;
+
+/// Reasons a message is dead-lettered for: `unroutable` is set by the publisher, `rejected` by a nack without
+/// requeue (the gateway's `session.max_rejects`), `expired` (message TTL), `maxlen` (a full queue that drops) and
+/// `delivery_limit` (a quorum mailbox's `x-delivery-limit`) by RabbitMQ.
+pub const DEAD_LETTER_REASONS: &[&str] = &[
+    "unroutable",
+    "rejected",
+    "expired",
+    "maxlen",
+    "delivery_limit",
+];
 
 /// One dead-lettered message with what the gateway and RabbitMQ recorded about it.
 #[derive(Debug, Clone)]
 pub struct DeadLetterRecord {
     pub message_id: String,
-    /// unroutable, rejected, expired, maxlen or delivery_limit; `unknown` when no header says.
+    /// Usually one of [`DEAD_LETTER_REASONS`]: the text of the first header that names one, as written, and
+    /// `unknown` when no header does.
     pub reason: String,
     /// When it was dead-lettered, in ms since the Unix epoch, when a header records it.
     pub dead_lettered_at: Option<u64>,
@@ -53,9 +65,12 @@ pub struct DeadLetterQueue {
 }
 
 impl DeadLetterQueue {
-    /// Connects and checks that the queue exists.
-    pub async fn open(url: &str, amqp: &AmqpConfig) -> Result<DeadLetterQueue, BrokerError> {
-        let connection = open_connection(url, amqp, "wsgw replay-dlq").await?;
+    /// Connects to the first node of `nodes` that accepts and checks that the queue exists.
+    pub async fn open(
+        nodes: &BrokerNodes,
+        amqp: &AmqpConfig,
+    ) -> Result<DeadLetterQueue, BrokerError> {
+        let connection = open_connection(nodes, amqp, "wsgw replay-dlq").await?;
         let queue = Topology {
             prefix: amqp.prefix.clone(),
         }
@@ -147,10 +162,7 @@ fn record_of(delivery: &lapin::message::Delivery) -> DeadLetterRecord {
         _ => None,
     };
     let first_death = first_x_death(&headers);
-    let reason = text(header::DEAD_LETTER_REASON)
-        .or_else(|| text("x-first-death-reason"))
-        .or_else(|| first_death.as_ref().and_then(|(reason, _)| reason.clone()))
-        .unwrap_or_else(|| "unknown".to_owned());
+    let reason = reason_of(&headers);
     let dead_lettered_at = integer_header(Some(&headers), header::DEAD_LETTERED_AT)
         .and_then(|ms| u64::try_from(ms).ok())
         .or_else(|| first_death.and_then(|(_, time)| time));
@@ -179,6 +191,21 @@ fn record_of(delivery: &lapin::message::Delivery) -> DeadLetterRecord {
     }
 }
 
+/// Reads why a message was dead-lettered: the gateway's own header (`unroutable`), else RabbitMQ's
+/// `x-first-death-reason`, else the newest `x-death` entry. A quorum mailbox that reaches its delivery limit
+/// writes `delivery_limit` in both of RabbitMQ's headers (observed on RabbitMQ 3.10.8).
+fn reason_of(headers: &FieldTable) -> String {
+    let text = |name: &str| match headers.inner().get(&ShortString::from(name)) {
+        Some(AMQPValue::LongString(value)) => Some(value.to_string()),
+        Some(AMQPValue::ShortString(value)) => Some(value.as_str().to_owned()),
+        _ => None,
+    };
+    text(header::DEAD_LETTER_REASON)
+        .or_else(|| text("x-first-death-reason"))
+        .or_else(|| first_x_death(headers).and_then(|(reason, _)| reason))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 /// Reason and time (ms) of the newest `x-death` entry RabbitMQ added.
 fn first_x_death(headers: &FieldTable) -> Option<(Option<String>, Option<u64>)> {
     let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get(&ShortString::from("x-death"))
@@ -197,4 +224,60 @@ fn first_x_death(headers: &FieldTable) -> Option<(Option<String>, Option<u64>)> 
         _ => None,
     };
     Some((reason, time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldArray;
+
+    /// Builds the dead-letter headers of a quorum mailbox at its delivery limit, as RabbitMQ 3.10.8 wrote them,
+    /// with or without `x-first-death-reason`.
+    fn delivery_limit_headers(first_death_reason: bool) -> FieldTable {
+        let mut death = FieldTable::default();
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        death.insert(
+            "reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        death.insert(
+            "queue".into(),
+            AMQPValue::LongString("wsgw.mailbox.h5.u-1".into()),
+        );
+        death.insert("time".into(), AMQPValue::Timestamp(1_796_431_314));
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        if first_death_reason {
+            headers.insert(
+                "x-first-death-reason".into(),
+                AMQPValue::LongString("delivery_limit".into()),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn quorum_delivery_limit_is_named() {
+        let headers = delivery_limit_headers(true);
+        assert_eq!(reason_of(&headers), "delivery_limit");
+        assert!(DEAD_LETTER_REASONS.contains(&"delivery_limit"));
+    }
+
+    #[test]
+    fn x_death_alone_names_the_reason() {
+        let headers = delivery_limit_headers(false);
+        assert_eq!(reason_of(&headers), "delivery_limit");
+        assert_eq!(
+            first_x_death(&headers).and_then(|(_, time)| time),
+            Some(1_796_431_314_000)
+        );
+    }
+
+    #[test]
+    fn missing_headers_give_unknown() {
+        assert_eq!(reason_of(&FieldTable::default()), "unknown");
+    }
 }

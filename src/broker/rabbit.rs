@@ -35,13 +35,14 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
 };
 use tokio::sync::{Mutex, broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
     Backoff, BroadcastKey, Broker, BrokerError, ControlEnvelope, ControlMessage, ControlReply,
     Delivery, DeliveryAcker, Publication, Published, Receipt, Subscription, header,
 };
-use crate::config::{AmqpConfig, MailboxConfig, PublisherMode, redact_url};
+use crate::config::{AmqpConfig, MailboxConfig, PublisherMode, QueueType, redact_url, redact_urls};
 use crate::domain::{Destination, Envelope, Identity};
 
 /// Queue and exchange names under one prefix.
@@ -102,9 +103,33 @@ pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Arguments of every mailbox queue. A mailbox declared with other arguments makes RabbitMQ reject the
 /// redeclare (406), so these must only change together with a migration.
+///
+/// Quorum mailboxes take the same arguments as classic ones (RabbitMQ 3.10 supports message TTL, queue expiry,
+/// `reject-publish` and single-active-consumer on quorum queues) except `x-queue-version`, which RabbitMQ
+/// rejects for them. They add a delivery limit and at-least-once dead-lettering, which needs `reject-publish`.
 pub fn mailbox_arguments(mailbox: &MailboxConfig, topology: &Topology) -> FieldTable {
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-version".into(), AMQPValue::LongInt(2));
+    match mailbox.queue_type {
+        QueueType::Classic => {
+            arguments.insert("x-queue-version".into(), AMQPValue::LongInt(2));
+        }
+        QueueType::Quorum => {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            arguments.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(mailbox.delivery_limit)),
+            );
+            arguments.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+        }
+    }
+    // NOTE: a quorum queue's idle expiry is not renewed by a redeclare or a publish (observed on RabbitMQ
+    // 3.10.8): a quorum mailbox expires `expires` after its last consumer left, with any messages in it.
     arguments.insert(
         "x-message-ttl".into(),
         AMQPValue::LongLongInt(mailbox.message_ttl.as_millis() as i64),
@@ -129,8 +154,157 @@ pub fn mailbox_arguments(mailbox: &MailboxConfig, topology: &Topology) -> FieldT
     arguments
 }
 
-/// Opens a connection, bounding the TCP connect and the AMQP handshake by `amqp.connect_timeout`.
+/// Arguments of the dead-letter queue: of the mailboxes' queue type, so that with quorum mailboxes it too
+/// survives the loss of a node.
+fn dead_letter_queue_arguments(mailbox: &MailboxConfig) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    match mailbox.queue_type {
+        QueueType::Classic => {
+            arguments.insert("x-queue-version".into(), AMQPValue::LongInt(2));
+        }
+        QueueType::Quorum => {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+    }
+    arguments
+}
+
+/// The AMQP URLs of the RabbitMQ nodes a process connects to, with the node to try first. Clones share that
+/// position, so after a failover the process's later connections go to the same node.
+#[derive(Clone)]
+pub struct BrokerNodes {
+    urls: Arc<[String]>,
+    /// Index of the node to try first: the last one that accepted a connection, or the one after a node
+    /// whose connection failed or was lost.
+    preferred: Arc<AtomicUsize>,
+}
+
+impl BrokerNodes {
+    /// Returns None for an empty list.
+    pub fn new(urls: Vec<String>) -> Option<BrokerNodes> {
+        if urls.is_empty() {
+            return None;
+        }
+        Some(BrokerNodes {
+            urls: urls.into(),
+            preferred: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Returns the nodes of `amqp.urls`, else of `amqp.url`; None when neither is set.
+    pub fn from_config(amqp: &AmqpConfig) -> Option<BrokerNodes> {
+        Self::new(amqp.node_urls())
+    }
+
+    /// Returns the URLs with their passwords replaced, for logs and errors.
+    pub fn describe(&self) -> String {
+        redact_urls(&self.urls)
+    }
+
+    /// Moves the first choice past `node` after a connection to it failed or was lost, unless another
+    /// connection has moved it already.
+    fn lost(&self, node: usize) {
+        let next = (node + 1) % self.urls.len();
+        let _ = self
+            .preferred
+            .compare_exchange(node, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+impl From<&str> for BrokerNodes {
+    fn from(url: &str) -> BrokerNodes {
+        BrokerNodes {
+            urls: vec![url.to_owned()].into(),
+            preferred: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl From<&String> for BrokerNodes {
+    fn from(url: &String) -> BrokerNodes {
+        BrokerNodes::from(url.as_str())
+    }
+}
+
+impl From<String> for BrokerNodes {
+    fn from(url: String) -> BrokerNodes {
+        BrokerNodes::from(url.as_str())
+    }
+}
+
+impl std::fmt::Debug for BrokerNodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerNodes")
+            .field("urls", &self.describe())
+            .field("preferred", &self.preferred.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Opens a connection to the first node that accepts one, trying every node once, starting with the
+/// preferred node.
 pub async fn open_connection(
+    nodes: &BrokerNodes,
+    amqp: &AmqpConfig,
+    name: &str,
+) -> Result<Connection, BrokerError> {
+    open_node_connection(nodes, amqp, name)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// [`open_connection`], also returning the index of the node connected to, so that its loss can be reported
+/// with [`BrokerNodes::lost`].
+async fn open_node_connection(
+    nodes: &BrokerNodes,
+    amqp: &AmqpConfig,
+    name: &str,
+) -> Result<(Connection, usize), BrokerError> {
+    let count = nodes.urls.len();
+    let first = nodes.preferred.load(Ordering::Relaxed) % count;
+    let mut failures = Vec::new();
+    for offset in 0..count {
+        let node = (first + offset) % count;
+        let url = &nodes.urls[node];
+        match connect_to_node(url, amqp, name).await {
+            Ok(connection) => {
+                nodes.preferred.store(node, Ordering::Relaxed);
+                info!(connection = %name, node = %redact_url(url), "connected to RabbitMQ");
+                return Ok((connection, node));
+            }
+            Err(error) => {
+                nodes.lost(node);
+                if count > 1 {
+                    warn!(connection = %name, node = %redact_url(url), %error, "connecting to a RabbitMQ node failed; trying the next node");
+                }
+                failures.push(error);
+            }
+        }
+    }
+    if failures.len() == 1 {
+        return Err(failures.remove(0));
+    }
+    let reasons: Vec<String> = failures
+        .iter()
+        .map(|failure| match failure {
+            BrokerError::Unreachable { url, reason } => format!("{url}: {reason}"),
+            BrokerError::HandshakeTimeout { url, timeout } => {
+                format!("{url}: no AMQP handshake within {timeout}")
+            }
+            other => other.to_string(),
+        })
+        .collect();
+    Err(BrokerError::Unreachable {
+        url: format!("any of its {count} nodes"),
+        reason: reasons.join("; "),
+    })
+}
+
+/// Opens a connection to one node, bounding the TCP connect and the AMQP handshake by `amqp.connect_timeout`.
+async fn connect_to_node(
     url: &str,
     amqp: &AmqpConfig,
     name: &str,
@@ -165,6 +339,8 @@ fn operation_error(
 /// declare closes its channel and would otherwise fail the confirms pending there.
 struct PublisherChannels {
     connection: Arc<Connection>,
+    /// Index of the node in the publisher's [`BrokerNodes`].
+    node: usize,
     confirms: Channel,
     declares: Channel,
 }
@@ -172,7 +348,7 @@ struct PublisherChannels {
 /// Publishes with confirms on a connection of its own. Reconnects on the next publish after the connection
 /// or a channel was lost.
 pub struct Publisher {
-    url: String,
+    nodes: BrokerNodes,
     amqp: AmqpConfig,
     mailbox: MailboxConfig,
     topology: Topology,
@@ -203,15 +379,16 @@ fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
 const DECLARE_CACHE_LIMIT: usize = 100_000;
 
 impl Publisher {
-    /// Connects and declares the shared topology.
+    /// Connects to the first node of `nodes` that accepts (a URL is a list of one) and declares the shared
+    /// topology.
     pub async fn connect(
-        url: &str,
+        nodes: impl Into<BrokerNodes>,
         amqp: &AmqpConfig,
         mailbox: &MailboxConfig,
         connection_name: &str,
     ) -> Result<Publisher, BrokerError> {
         let publisher = Publisher {
-            url: url.to_owned(),
+            nodes: nodes.into(),
             amqp: amqp.clone(),
             mailbox: mailbox.clone(),
             topology: Topology {
@@ -260,10 +437,12 @@ impl Publisher {
                 return Ok((open.confirms.clone(), open.declares.clone()));
             }
             warn!(connection = %self.connection_name, "publisher connection lost; reconnecting");
+            self.nodes.lost(open.node);
             self.connected.store(false, Ordering::Relaxed);
         }
-        let connection =
-            Arc::new(open_connection(&self.url, &self.amqp, &self.connection_name).await?);
+        let (connection, node) =
+            open_node_connection(&self.nodes, &self.amqp, &self.connection_name).await?;
+        let connection = Arc::new(connection);
         watch_connection(
             &connection,
             self.connected.clone(),
@@ -271,7 +450,7 @@ impl Publisher {
         );
         let confirms = open_publishing_channel(&connection, self.amqp.publisher_mode).await?;
         let declares = open_channel(&connection).await?;
-        declare_shared_topology(&declares, &self.topology).await?;
+        declare_shared_topology(&declares, &self.topology, &self.mailbox).await?;
         self.connected.store(true, Ordering::Relaxed);
         self.declared
             .lock()
@@ -280,6 +459,7 @@ impl Publisher {
         info!(connection = %self.connection_name, "publisher connected to RabbitMQ");
         *guard = Some(PublisherChannels {
             connection,
+            node,
             confirms: confirms.clone(),
             declares: declares.clone(),
         });
@@ -430,8 +610,9 @@ impl Publisher {
         let (exchange, routing_key) = self.topology.address(destination);
 
         if let Destination::Identity(identity) = destination {
-            // A declare counts as use of the mailbox: it resets the idle expiry, so a message published now is
-            // not deleted with its queue, and it creates the mailbox of an identity that never connected.
+            // The declare creates the mailbox of an identity that never connected. For a classic mailbox it also
+            // counts as use: it resets the idle expiry, so a message published now is not deleted with its
+            // queue. A quorum mailbox's expiry is not reset by it (see `mailbox_arguments`).
             self.ensure_mailbox(declares, identity).await?;
         }
         // NOTE: a publish to every client type of a uniqueId does not declare those mailboxes (their client
@@ -821,6 +1002,7 @@ fn watch_connection(
 async fn declare_shared_topology(
     channel: &Channel,
     topology: &Topology,
+    mailbox: &MailboxConfig,
 ) -> Result<(), BrokerError> {
     let durable = ExchangeDeclareOptions {
         durable: true,
@@ -838,8 +1020,6 @@ async fn declare_shared_topology(
         )
         .await
         .map_err(operation_error("exchange.declare", &dlx))?;
-    let mut dlq_arguments = FieldTable::default();
-    dlq_arguments.insert("x-queue-version".into(), AMQPValue::LongInt(2));
     channel
         .queue_declare(
             dlq.as_str().into(),
@@ -847,10 +1027,21 @@ async fn declare_shared_topology(
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            dlq_arguments,
+            dead_letter_queue_arguments(mailbox),
         )
         .await
-        .map_err(operation_error("queue.declare", &dlq))?;
+        .map_err(|error| {
+            let reason = error.to_string();
+            // A dead-letter queue of the other queue type: permanent, like a mailbox with other arguments.
+            if reason.contains("PRECONDITION_FAILED") || reason.contains("inequivalent") {
+                BrokerError::MailboxMismatch {
+                    queue: dlq.clone(),
+                    reason,
+                }
+            } else {
+                operation_error("queue.declare", &dlq)(error)
+            }
+        })?;
     channel
         .queue_bind(
             dlq.as_str().into(),
@@ -951,6 +1142,14 @@ pub(crate) fn integer_header(headers: Option<&FieldTable>, name: &str) -> Option
     }
 }
 
+/// Deadline for writing one ack or nack, and for closing a session's channel.
+///
+/// In tests/cluster.rs (lapin 4.12.3), killing a RabbitMQ node left 6 of 100 sessions on its connection
+/// stalled for good: their clients had acked, and the sessions logged neither a failed ack nor the end of their
+/// consumer. So either an ack's future or the consumer's end never arrived. NOTE: which of the two is not
+/// known; this deadline and [`watch_session_connection`] cover both.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Settles one lapin delivery.
 struct RabbitAcker {
     acker: lapin::Acker,
@@ -958,6 +1157,26 @@ struct RabbitAcker {
 }
 
 impl RabbitAcker {
+    /// Awaits an ack or nack for at most [`SETTLE_TIMEOUT`].
+    async fn settle(
+        &self,
+        operation: &'static str,
+        settling: impl Future<Output = lapin::Result<bool>>,
+    ) -> Result<(), BrokerError> {
+        match tokio::time::timeout(SETTLE_TIMEOUT, settling).await {
+            Ok(result) => self.settled(operation, result),
+            Err(_) => Err(BrokerError::Operation {
+                operation,
+                object: self.queue.clone(),
+                reason: format!(
+                    "not sent within {}; the connection is probably lost, and RabbitMQ redelivers the message \
+                     unless the {operation} reached it",
+                    humantime::format_duration(SETTLE_TIMEOUT)
+                ),
+            }),
+        }
+    }
+
     fn settled(
         &self,
         operation: &'static str,
@@ -978,35 +1197,24 @@ impl RabbitAcker {
 
 impl DeliveryAcker for RabbitAcker {
     fn ack(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
-        async move {
-            let result = self.acker.ack(BasicAckOptions::default()).await;
-            self.settled("basic.ack", result)
-        }
-        .boxed()
+        self.settle("basic.ack", self.acker.ack(BasicAckOptions::default()))
+            .boxed()
     }
 
     fn requeue(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
-        async move {
-            let options = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            let result = self.acker.nack(options).await;
-            self.settled("basic.nack", result)
-        }
-        .boxed()
+        let options = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        self.settle("basic.nack", self.acker.nack(options)).boxed()
     }
 
     fn dead_letter(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
-        async move {
-            let options = BasicNackOptions {
-                requeue: false,
-                ..BasicNackOptions::default()
-            };
-            let result = self.acker.nack(options).await;
-            self.settled("basic.nack", result)
-        }
-        .boxed()
+        let options = BasicNackOptions {
+            requeue: false,
+            ..BasicNackOptions::default()
+        };
+        self.settle("basic.nack", self.acker.nack(options)).boxed()
     }
 }
 
@@ -1037,7 +1245,7 @@ fn delivery_from(delivery: lapin::message::Delivery, queue: &str) -> Delivery {
 
 /// The gateway's broker over RabbitMQ: a publisher connection and a consumer connection.
 pub struct RabbitBroker {
-    url: String,
+    nodes: BrokerNodes,
     amqp: AmqpConfig,
     mailbox: MailboxConfig,
     node: String,
@@ -1060,6 +1268,8 @@ const SUPERVISE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1
 /// The consumer connection and the channel that manages this node's broadcast bindings.
 struct ConsumerSide {
     connection: Arc<Connection>,
+    /// Index of the node in the broker's [`BrokerNodes`].
+    node: usize,
     bindings: Channel,
 }
 
@@ -1067,17 +1277,24 @@ struct ConsumerSide {
 const FANOUT_BUFFER: usize = 1024;
 
 impl RabbitBroker {
-    /// Connects both connections, declares the topology and starts this node's control and broadcast consumers.
+    /// Connects both connections to the first node of `nodes` that accepts (a URL is a list of one), declares
+    /// the topology and starts this node's control and broadcast consumers.
     pub async fn connect(
-        url: &str,
+        nodes: impl Into<BrokerNodes>,
         amqp: &AmqpConfig,
         mailbox: &MailboxConfig,
         node: &str,
     ) -> Result<RabbitBroker, BrokerError> {
-        let publisher =
-            Publisher::connect(url, amqp, mailbox, &format!("wsgw {node} publisher")).await?;
+        let nodes = nodes.into();
+        let publisher = Publisher::connect(
+            nodes.clone(),
+            amqp,
+            mailbox,
+            &format!("wsgw {node} publisher"),
+        )
+        .await?;
         let broker = RabbitBroker {
-            url: url.to_owned(),
+            nodes,
             amqp: amqp.clone(),
             mailbox: mailbox.clone(),
             node: node.to_owned(),
@@ -1162,10 +1379,13 @@ impl RabbitBroker {
                 return Ok((side.connection.clone(), side.bindings.clone()));
             }
             warn!(node = %self.node, "consumer connection lost; reconnecting");
+            self.nodes.lost(side.node);
             self.consumer_connected.store(false, Ordering::Relaxed);
         }
         let name = format!("wsgw {} consumer", self.node);
-        let connection = Arc::new(open_connection(&self.url, &self.amqp, &name).await?);
+        let (connection, broker_node) =
+            open_node_connection(&self.nodes, &self.amqp, &name).await?;
+        let connection = Arc::new(connection);
         watch_connection(&connection, self.consumer_connected.clone(), None);
         let topology = self.publisher.topology().clone();
 
@@ -1222,31 +1442,51 @@ impl RabbitBroker {
         info!(node = %self.node, "consumer connected to RabbitMQ");
         *guard = Some(ConsumerSide {
             connection: connection.clone(),
+            node: broker_node,
             bindings: bindings.clone(),
         });
         Ok((connection, bindings))
     }
 
-    /// Returns a session connection with room for one more session channel, opening one when all are full or
-    /// lost. A lost connection is dropped from the list, and its sessions resubscribe on a live one.
-    async fn session_connection(&self) -> Result<(Arc<Connection>, Arc<AtomicUsize>), BrokerError> {
+    /// Returns a session connection with room for one more session channel, its session count and the token
+    /// cancelled when it is lost, opening one when all are full or lost. A lost connection is dropped from the
+    /// list, and its sessions resubscribe on a live one.
+    async fn session_connection(
+        &self,
+    ) -> Result<(Arc<Connection>, Arc<AtomicUsize>, CancellationToken), BrokerError> {
         let mut connections = self.session_connections.lock().await;
-        connections.retain(|session| session.connection.status().connected());
+        connections.retain(|session| {
+            let connected = session.connection.status().connected();
+            if !connected {
+                self.nodes.lost(session.node);
+            }
+            connected
+        });
         if let Some(session) = connections.iter().find(|session| {
             session.sessions.load(Ordering::Relaxed) < self.amqp.sessions_per_connection
         }) {
             session.sessions.fetch_add(1, Ordering::Relaxed);
-            return Ok((session.connection.clone(), session.sessions.clone()));
+            return Ok((
+                session.connection.clone(),
+                session.sessions.clone(),
+                session.lost.clone(),
+            ));
         }
         let name = format!("wsgw {} sessions {}", self.node, connections.len() + 1);
-        let connection = Arc::new(open_connection(&self.url, &self.amqp, &name).await?);
+        let (connection, broker_node) =
+            open_node_connection(&self.nodes, &self.amqp, &name).await?;
+        let connection = Arc::new(connection);
         info!(node = %self.node, connection = %name, "opened a session connection");
         let sessions = Arc::new(AtomicUsize::new(1));
+        let lost = CancellationToken::new();
+        watch_session_connection(&connection, lost.clone());
         connections.push(SessionConnection {
             connection: connection.clone(),
+            node: broker_node,
             sessions: sessions.clone(),
+            lost: lost.clone(),
         });
-        Ok((connection, sessions))
+        Ok((connection, sessions, lost))
     }
 
     /// Declares an exclusive queue of this node, bound to `exchange`, and consumes it without acks.
@@ -1318,7 +1558,7 @@ impl RabbitBroker {
         prefetch: u16,
     ) -> Result<Subscription, BrokerError> {
         let queue = identity.mailbox_queue(&self.publisher.topology().prefix);
-        let (connection, sessions) = self.session_connection().await?;
+        let (connection, sessions, lost) = self.session_connection().await?;
         // Counted from here, so a failure below gives the slot back when `slot` drops.
         let slot = SessionSlot(sessions);
         let channel = connection
@@ -1356,11 +1596,18 @@ impl RabbitBroker {
             .take_while(|item| future::ready(item.is_ok()))
             .filter_map(|item| future::ready(item.ok()))
             .map(move |delivery| delivery_from(delivery, &acker_queue))
+            .take_until(lost.cancelled_owned())
             .boxed();
         // Closing the channel makes RabbitMQ return every unacked delivery to the mailbox in its original order.
         let release = async move {
-            if let Err(error) = channel.close(200, "session closed".into()).await {
-                debug!(queue = %queue, %error, "closing a session channel failed; the broker requeues on connection loss");
+            match tokio::time::timeout(SETTLE_TIMEOUT, channel.close(200, "session closed".into())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    debug!(queue = %queue, %error, "closing a session channel failed; the broker requeues on connection loss");
+                }
+                Err(_) => {
+                    debug!(queue = %queue, "closing a session channel timed out; the broker requeues on connection loss");
+                }
             }
             drop(consumer_handle);
             drop(slot);
@@ -1590,7 +1837,29 @@ impl Broker for RabbitBroker {
 /// A connection that carries session channels, with the number of sessions on it.
 struct SessionConnection {
     connection: Arc<Connection>,
+    /// Index of the node in the broker's [`BrokerNodes`].
+    node: usize,
     sessions: Arc<AtomicUsize>,
+    /// Cancelled once the connection is lost, to end its sessions' delivery streams.
+    lost: CancellationToken,
+}
+
+/// Cancels `lost` once `connection` is no longer connected or has been dropped, checking every second. lapin
+/// ends a consumer's stream when its connection fails, but a session whose stream did not end (see
+/// [`SETTLE_TIMEOUT`]) would wait for deliveries for ever.
+fn watch_session_connection(connection: &Arc<Connection>, lost: CancellationToken) {
+    let connection = Arc::downgrade(connection);
+    tokio::spawn(async move {
+        let mut check = tokio::time::interval(SUPERVISE_INTERVAL);
+        loop {
+            check.tick().await;
+            match connection.upgrade() {
+                Some(connection) if connection.status().connected() => {}
+                _ => break,
+            }
+        }
+        lost.cancel();
+    });
 }
 
 /// One session's place on a session connection; dropping it frees the place.

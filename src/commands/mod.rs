@@ -35,8 +35,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 /// Loads the config file and environment, then applies the global flags.
 pub fn load_config(global: &GlobalArgs) -> Result<Config, CliError> {
     let mut config = Config::load(global.config.as_deref())?;
+    // The flag names one node and replaces every URL of the file and environment, amqp.urls too.
     if let Some(url) = &global.amqp_url {
         config.amqp.url = Some(url.clone());
+        config.amqp.urls.clear();
     }
     Ok(config)
 }

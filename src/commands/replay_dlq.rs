@@ -15,7 +15,7 @@ use tabled::{Table, Tabled};
 
 use crate::broker::Publication;
 use crate::broker::dlq::{DeadLetterQueue, DeadLetterRecord};
-use crate::broker::rabbit::Publisher;
+use crate::broker::rabbit::{BrokerNodes, Publisher};
 use crate::cli::{DlqAction, DlqFilter, GlobalArgs, OutputFormat, ReplayDlqArgs};
 use crate::domain::envelope::unix_millis;
 use crate::exit::{CliError, ExitCode};
@@ -26,14 +26,14 @@ const MAX_SCAN: usize = 100_000;
 
 pub async fn run(global: &GlobalArgs, args: &ReplayDlqArgs) -> Result<(), CliError> {
     let config = super::load_config(global)?;
-    let Some(url) = config.amqp.url.clone() else {
+    let Some(nodes) = BrokerNodes::from_config(&config.amqp) else {
         return Err(CliError::msg(
             ExitCode::Config,
-            "replay-dlq reads RabbitMQ's dead-letter queue: pass --amqp-url or set WSGW_AMQP_URL \
+            "replay-dlq reads RabbitMQ's dead-letter queue: pass --amqp-url or set WSGW_AMQP_URL or WSGW_AMQP_URLS \
              (the in-process broker keeps its dead letters in the serving process only)",
         ));
     };
-    let queue = DeadLetterQueue::open(&url, &config.amqp).await?;
+    let queue = DeadLetterQueue::open(&nodes, &config.amqp).await?;
     let records = queue.scan(MAX_SCAN).await;
     let result = match records {
         Ok(records) => {
@@ -54,7 +54,7 @@ pub async fn run(global: &GlobalArgs, args: &ReplayDlqArgs) -> Result<(), CliErr
                     replay(
                         global,
                         &config,
-                        &url,
+                        &nodes,
                         &queue,
                         &select(&records, filter),
                         *max_replays,
@@ -207,7 +207,7 @@ fn show(records: &[DeadLetterRecord], id: &str) -> Result<(), CliError> {
 async fn replay(
     global: &GlobalArgs,
     config: &crate::config::Config,
-    url: &str,
+    nodes: &BrokerNodes,
     queue: &DeadLetterQueue,
     records: &[&DeadLetterRecord],
     max_replays: u32,
@@ -216,7 +216,15 @@ async fn replay(
     let publisher = if dry_run {
         None
     } else {
-        Some(Publisher::connect(url, &config.amqp, &config.mailbox, "wsgw replay-dlq").await?)
+        Some(
+            Publisher::connect(
+                nodes.clone(),
+                &config.amqp,
+                &config.mailbox,
+                "wsgw replay-dlq",
+            )
+            .await?,
+        )
     };
     let progress = ProgressBar::new(records.len() as u64);
     progress.set_style(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::broker::rabbit::Publisher;
+use crate::broker::rabbit::{BrokerNodes, Publisher};
 use crate::broker::{Publication, Published, Receipt};
 use crate::cli::{GlobalArgs, OutputFormat, SendArgs};
 use crate::client::ApiAnswer;
@@ -34,10 +34,10 @@ pub async fn run(global: &GlobalArgs, args: &SendArgs) -> Result<(), CliError> {
         ));
     }
 
-    let (published, receipt) = match config.amqp.url.clone() {
-        Some(amqp_url) => {
+    let (published, receipt) = match BrokerNodes::from_config(&config.amqp) {
+        Some(nodes) => {
             let publisher =
-                Publisher::connect(&amqp_url, &config.amqp, &config.mailbox, "wsgw send").await?;
+                Publisher::connect(nodes, &config.amqp, &config.mailbox, "wsgw send").await?;
             let result = match args.wait {
                 Some(wait) => publisher.publish_and_wait(&publication, wait).await,
                 None => publisher

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::rabbit::RabbitBroker;
+use crate::broker::rabbit::{BrokerNodes, RabbitBroker};
 use crate::cli::{GlobalArgs, ServeArgs};
 use crate::config::Config;
 use crate::credentials;
@@ -66,18 +66,18 @@ pub async fn run(global: &GlobalArgs, args: &ServeArgs) -> Result<(), CliError> 
     let shutdown = tokio_util::sync::CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
-    let broker: Arc<dyn Broker> = match &config.amqp.url {
-        Some(amqp_url) => {
-            let broker = Arc::new(
-                RabbitBroker::connect(amqp_url, &config.amqp, &config.mailbox, &node).await?,
-            );
+    let broker: Arc<dyn Broker> = match BrokerNodes::from_config(&config.amqp) {
+        Some(nodes) => {
+            let broker =
+                Arc::new(RabbitBroker::connect(nodes, &config.amqp, &config.mailbox, &node).await?);
             broker.supervise(shutdown.clone());
             broker
         }
         None => {
             warn!(
                 "no RabbitMQ URL configured: using the in-process broker, which keeps messages in memory on this \
-                 node only (lost on restart, no other nodes); set amqp.url or WSGW_AMQP_URL for production"
+                 node only (lost on restart, no other nodes); set amqp.url or amqp.urls (WSGW_AMQP_URL, WSGW_AMQP_URLS) for \
+                 production"
             );
             Arc::new(MemoryBroker::new(&config.memory, &config.mailbox))
         }

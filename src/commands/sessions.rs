@@ -16,7 +16,7 @@ use serde_json::json;
 use tabled::settings::Style;
 use tabled::{Table, Tabled};
 
-use crate::broker::rabbit::{DIRECT_REPLY_TO, Topology, open_connection};
+use crate::broker::rabbit::{BrokerNodes, DIRECT_REPLY_TO, Topology, open_connection};
 use crate::broker::{ControlMessage, ControlReply, SessionView};
 use crate::cli::{GlobalArgs, OutputFormat, SessionSort, SessionsArgs};
 use crate::client::ApiAnswer;
@@ -37,8 +37,8 @@ struct Answers {
 
 pub async fn run(global: &GlobalArgs, args: &SessionsArgs) -> Result<(), CliError> {
     let config = super::load_config(global)?;
-    let answers = match &config.amqp.url {
-        Some(url) => ask_nodes(&config, url, args).await?,
+    let answers = match BrokerNodes::from_config(&config.amqp) {
+        Some(nodes) => ask_nodes(&config, &nodes, args).await?,
         None => ask_gateway(global, args).await?,
     };
     if let Some(session_id) = &args.kick {
@@ -177,8 +177,12 @@ fn report_kick(global: &GlobalArgs, session_id: &str, answers: &Answers) -> Resu
 }
 
 /// Asks every node over RabbitMQ and collects the replies until the timeout.
-async fn ask_nodes(config: &Config, url: &str, args: &SessionsArgs) -> Result<Answers, CliError> {
-    let connection = open_connection(url, &config.amqp, "wsgw sessions").await?;
+async fn ask_nodes(
+    config: &Config,
+    nodes: &BrokerNodes,
+    args: &SessionsArgs,
+) -> Result<Answers, CliError> {
+    let connection = open_connection(nodes, &config.amqp, "wsgw sessions").await?;
     let failed = |operation: &'static str, error: lapin::Error| {
         CliError::new(
             ExitCode::Unavailable,
