@@ -142,8 +142,8 @@ pub struct ServerConfig {
     /// On SIGTERM, how long to wait for sessions and connections to finish before exiting anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Deadline from accepting a TCP connection to a complete request head (and the TLS handshake with TLS); a
-    /// client that sends nothing, or too slowly, is disconnected.
+    /// Deadline from accepting a TCP connection to a complete request head, and for the TLS handshake with TLS.
+    /// A client that sends nothing, or sends too slowly, is disconnected.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Maximum number of WebSocket sessions on this node; further upgrades get 503.

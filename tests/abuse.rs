@@ -19,15 +19,14 @@ use wsgw::domain::{Identity, TokenSigner};
 
 use common::{SECRET, Server, TestEnv, next_message};
 
-/// Resident set size of a process, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+/// Reads the resident set size of a process, in bytes; None once the process is gone.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line");
-    kb * 1024
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())?;
+    Some(kb * 1024)
 }
 
 /// Samples a process's RSS every 100 ms until dropped; `peak` is the largest sample.
@@ -38,26 +37,15 @@ struct RssProbe {
 
 impl RssProbe {
     fn start(pid: u32) -> RssProbe {
-        let peak = Arc::new(AtomicU64::new(rss_bytes(pid)));
+        let peak = Arc::new(AtomicU64::new(
+            rss_bytes(pid).expect("VmRSS of a running process"),
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let (sampled, stopped) = (peak.clone(), stop.clone());
         std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
-                if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                    if let Some(kb) = status
-                        .lines()
-                        .find_map(|line| line.strip_prefix("VmRSS:"))
-                        .and_then(|value| {
-                            value
-                                .trim()
-                                .trim_end_matches("kB")
-                                .trim()
-                                .parse::<u64>()
-                                .ok()
-                        })
-                    {
-                        sampled.fetch_max(kb * 1024, Ordering::Relaxed);
-                    }
+                if let Some(bytes) = rss_bytes(pid) {
+                    sampled.fetch_max(bytes, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }

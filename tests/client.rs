@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,15 +19,7 @@ use common::{SECRET, Server, TestEnv};
 
 /// Starts `wsgw serve` on a fixed address, so a restart comes back where clients look for it.
 fn serve_on(env: &TestEnv, address: SocketAddr, node: &str) -> Server {
-    let mut command = env.wsgw();
-    command
-        .args(["--log-format", "json", "-v", "serve", "--listen"])
-        .arg(address.to_string())
-        .args(["--node-name", node])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    Server::spawn(command)
+    Server::spawn(env.serve_command(node, &address.to_string()))
 }
 
 fn free_address() -> SocketAddr {

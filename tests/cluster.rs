@@ -16,7 +16,6 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -105,23 +104,10 @@ fn serve_on_cluster(env: &TestEnv, rabbit: &RabbitCluster, node: &str, first: us
         .iter()
         .map(|url| format!("{url:?}"))
         .collect();
-    let mut command = env.wsgw();
+    let mut command = env.serve_command(node, "127.0.0.1:0");
     command
         .env_remove("WSGW_AMQP_URL")
-        .env("WSGW_AMQP_URLS", format!("[{}]", urls.join(", ")))
-        .args([
-            "--log-format",
-            "json",
-            "-v",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--node-name",
-            node,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .env("WSGW_AMQP_URLS", format!("[{}]", urls.join(", ")));
     Server::spawn(command)
 }
 

@@ -219,7 +219,7 @@ async fn silent_connection_is_closed_after_the_handshake_timeout() {
         stream.write_all(partial).await.expect("write");
         let started = Instant::now();
         let mut buffer = [0u8; 1024];
-        // The gateway answers 408 or just closes; either way the read ends well before 5 s.
+        // The gateway responds with 408 or just closes; either way the read ends well before 5 s.
         let read = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 match stream.read(&mut buffer).await {

@@ -1030,18 +1030,7 @@ async fn declare_shared_topology(
             dead_letter_queue_arguments(mailbox),
         )
         .await
-        .map_err(|error| {
-            let reason = error.to_string();
-            // A dead-letter queue of the other queue type: permanent, like a mailbox with other arguments.
-            if reason.contains("PRECONDITION_FAILED") || reason.contains("inequivalent") {
-                BrokerError::MailboxMismatch {
-                    queue: dlq.clone(),
-                    reason,
-                }
-            } else {
-                operation_error("queue.declare", &dlq)(error)
-            }
-        })?;
+        .map_err(declare_error(&dlq))?;
     channel
         .queue_bind(
             dlq.as_str().into(),
@@ -1079,6 +1068,26 @@ async fn declare_shared_topology(
     Ok(())
 }
 
+/// Maps a failed queue.declare: a queue that exists with other arguments is a permanent mistake, reported at once
+/// rather than retried until a publish times out.
+fn declare_error(queue: &str) -> impl Fn(lapin::Error) -> BrokerError + '_ {
+    move |error| {
+        let reason = error.to_string();
+        if reason.contains("PRECONDITION_FAILED") || reason.contains("inequivalent") {
+            BrokerError::MailboxMismatch {
+                queue: queue.to_owned(),
+                reason,
+            }
+        } else {
+            BrokerError::Operation {
+                operation: "queue.declare",
+                object: queue.to_owned(),
+                reason,
+            }
+        }
+    }
+}
+
 async fn declare_mailbox(
     channel: &Channel,
     identity: &Identity,
@@ -1096,22 +1105,7 @@ async fn declare_mailbox(
             mailbox_arguments(mailbox, topology),
         )
         .await
-        .map_err(|error| {
-            let reason = error.to_string();
-            // Permanent, so it is reported at once rather than retried until a publish times out.
-            if reason.contains("PRECONDITION_FAILED") || reason.contains("inequivalent") {
-                BrokerError::MailboxMismatch {
-                    queue: queue.clone(),
-                    reason,
-                }
-            } else {
-                BrokerError::Operation {
-                    operation: "queue.declare",
-                    object: queue.clone(),
-                    reason,
-                }
-            }
-        })?;
+        .map_err(declare_error(&queue))?;
     // The uniqueId binding lets one publish reach every client type of the uniqueId.
     let exchange = topology.direct_exchange();
     channel

@@ -1,4 +1,4 @@
-//! Who may open a session: the Origin allow-list, the client address behind trusted proxies, and the caps on
+//! Admission of new sessions: the Origin allow-list, the client address behind trusted proxies, and the caps on
 //! sessions in total and per client address.
 
 use std::collections::HashMap;
@@ -19,7 +19,7 @@ pub struct OriginPattern {
 }
 
 impl OriginPattern {
-    /// Parses an allow-list entry; the error says what a valid entry looks like.
+    /// Parses an allow-list entry; the error describes what a valid entry looks like.
     pub fn parse(text: &str) -> Result<OriginPattern, String> {
         let usage = "give an origin as scheme://host[:port], such as https://pay.example.com or https://*.example.com";
         let (wildcard, parsable) = match text.split_once("://*.") {
@@ -201,7 +201,7 @@ impl SessionLimits {
         })
     }
 
-    /// Takes a place for a session from `address`, or says which cap is reached.
+    /// Takes a place for a session from `address`, or returns which cap is reached.
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Result<Admission, AdmissionError> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if counts.total >= self.max_sessions {

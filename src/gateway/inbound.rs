@@ -18,9 +18,9 @@ pub enum Inbound {
     Reject { message_id: String, reason: String },
     /// A valid message to publish, stamped with the sender's identity, a messageId and a timestamp.
     Publish(Box<Publication>),
-    /// A frame that breaks the protocol; the session answers with this error frame and counts it.
+    /// A frame that breaks the protocol; the session replies with this error frame and counts it.
     Invalid(ServerFrame),
-    /// A well-formed message the policy forbids; the session answers with this error frame.
+    /// A well-formed message the policy forbids; the session replies with this error frame.
     Forbidden(ServerFrame),
 }
 

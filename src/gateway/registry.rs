@@ -254,7 +254,7 @@ impl Registry {
     /// Applies another session's announcement to the local session of `identity`, if there is one.
     ///
     /// A newer session with a fresh token replaces an older one. Two sessions with the same token nonce mean the
-    /// token was used twice (on two nodes at nearly the same moment): the older session keeps the identity and
+    /// token was used twice, on two nodes at nearly the same moment. Then the older session keeps the identity and
     /// the newer one is closed, whichever node it is on, so a reused token never takes over a live session.
     /// Session ids are UUIDv7, so every node orders the two sessions the same way.
     pub fn apply_takeover(

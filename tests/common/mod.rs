@@ -163,22 +163,20 @@ impl TestEnv {
 
     /// Starts `wsgw serve` on a free loopback port and waits until it listens.
     pub fn serve(&self, node: &str) -> Server {
+        Server::spawn(self.serve_command(node, "127.0.0.1:0"))
+    }
+
+    /// The `wsgw serve` command of [`TestEnv::serve`], listening on `listen`, with JSON logs on a pipe.
+    #[allow(dead_code)]
+    pub fn serve_command(&self, node: &str, listen: &str) -> Command {
         let mut command = self.wsgw();
         command
-            .args([
-                "--log-format",
-                "json",
-                "-v",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--node-name",
-                node,
-            ])
+            .args(["--log-format", "json", "-v", "serve", "--listen", listen])
+            .args(["--node-name", node])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        Server::spawn(command)
+        command
     }
 
     /// A publisher on this test's topology.
